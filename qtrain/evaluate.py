@@ -1,0 +1,175 @@
+"""Perplexity on fixed validation windows, model comparison, sampling, decode/prefill speed.
+
+Example:
+    >>> starts = val_starts(len(corpus.val), 128, 128)
+    >>> loss = val_loss(model, corpus.val, starts, 128)
+    >>> text = generate(model, "def ", 100, temperature=0.8, top_k=50, seed=0)
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qtrain.data import windows
+from qtrain.model import GPT, KVCache
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def val_loss(model: nn.Module, tokens: torch.Tensor, starts: torch.Tensor, block_size: int,
+             batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy (nats per byte) over the windows at `starts`."""
+    was_training = model.training
+    model.eval()
+    device = _model_device(model)
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        x, y = windows(tokens, starts[i : i + batch_size], block_size)
+        logits = model(x.to(device)).float()
+        total += float(F.cross_entropy(logits.view(-1, logits.size(-1)), y.to(device).reshape(-1), reduction="sum"))
+        count += y.numel()
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), inf when it overflows."""
+    return math.exp(loss) if loss < 700 else float("inf")
+
+
+@dataclass
+class Comparison:
+    """How a model's predictions differ from a reference's on the same windows."""
+
+    kl: float
+    """Mean KL(reference || model) per token, nats."""
+    top1_agreement: float
+    """Fraction of positions where both argmaxes agree."""
+    reference_val_loss: float
+    """The reference's validation loss on the same windows."""
+
+
+@torch.no_grad()
+def compare(model: nn.Module, reference: nn.Module, tokens: torch.Tensor, starts: torch.Tensor,
+            block_size: int, batch_size: int = 32) -> Comparison:
+    """Logit KL, top-1 agreement and the reference's loss on the same validation windows."""
+    dev_m, dev_r = _model_device(model), _model_device(reference)
+    kl_sum, agree, n, ref_loss = 0.0, 0, 0, 0.0
+    for i in range(0, len(starts), batch_size):
+        x, y = windows(tokens, starts[i : i + batch_size], block_size)
+        lm = F.log_softmax(model(x.to(dev_m)).float().cpu(), dim=-1)
+        lr = F.log_softmax(reference(x.to(dev_r)).float().cpu(), dim=-1)
+        kl_sum += float((lr.exp() * (lr - lm)).sum())
+        agree += int((lm.argmax(-1) == lr.argmax(-1)).sum())
+        ref_loss += float(F.nll_loss(lr.view(-1, lr.size(-1)), y.reshape(-1), reduction="sum"))
+        n += y.numel()
+    return Comparison(kl=kl_sum / n, top1_agreement=agree / n, reference_val_loss=ref_loss / n)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).to(logits.device)
+
+
+@torch.no_grad()
+def generate_tokens(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                    top_k: int = 0, seed: int | None = None) -> torch.Tensor:
+    """Extend `prompt` (B, T) by `max_new_tokens` with the KV cache; returns (B, T + new).
+
+    When the context fills, the cache is rebuilt from the last half of the window.
+    """
+    model.eval()
+    device = _model_device(model)
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    cache = KVCache.empty(cfg, prompt.shape[0], device, dtype)
+    seq = prompt.to(device)[:, -cfg.block_size :]
+    logits = model(seq, cache, 0)[:, -1]
+    pos = seq.shape[1]
+    out = [seq]
+    for _ in range(max_new_tokens):
+        nxt = _sample(logits, temperature, top_k, gen)
+        out.append(nxt)
+        if pos >= cfg.block_size:  # slide: re-prefill the most recent half window
+            ctx = torch.cat(out, dim=1)[:, -(cfg.block_size // 2) :]
+            logits = model(ctx, cache, 0)[:, -1]
+            pos = ctx.shape[1]
+            continue
+        logits = model(nxt, cache, pos)[:, -1]
+        pos += 1
+    return torch.cat(out, dim=1)
+
+
+def generate(model: GPT, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int) -> str:
+    """Sample text after `prompt` (bytes in, UTF-8 text out with replacement)."""
+    ids = torch.tensor([list(prompt.encode("utf-8")) or [10]], dtype=torch.long)
+    out = generate_tokens(model, ids, max_new_tokens, temperature, top_k, seed)
+    return bytes(out[0].tolist()).decode("utf-8", errors="replace")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def decode_speed(model: GPT, n_tokens: int = 64, repeats: int = 3, prompt_len: int = 16) -> dict[str, Any]:
+    """Batch-1 greedy decode tokens/s with the KV cache: warm-up excluded, median of repeats."""
+    model.eval()
+    device = _model_device(model)
+    cfg = model.cfg
+    n_tokens = max(1, min(n_tokens, cfg.block_size - prompt_len))
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    cache = KVCache.empty(cfg, 1, device, dtype)
+    rates = []
+    for r in range(repeats + 1):
+        logits = model(prompt.to(device), cache, 0)[:, -1]
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(n_tokens):
+            nxt = logits.argmax(-1, keepdim=True)
+            logits = model(nxt, cache, prompt_len + i)[:, -1]
+        _sync(device)
+        if r > 0:  # the first pass is warm-up
+            rates.append(n_tokens / (time.perf_counter() - t0))
+    return {"decode_tokens_per_s": statistics.median(rates), "decode_tokens": n_tokens}
+
+
+@torch.no_grad()
+def prefill_speed(model: GPT, n_tokens: int = 512, repeats: int = 3) -> dict[str, Any]:
+    """Prompt-processing tokens/s for one prompt of `n_tokens` (capped at the context)."""
+    model.eval()
+    device = _model_device(model)
+    n_tokens = min(n_tokens, model.cfg.block_size)
+    x = torch.randint(0, model.cfg.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(1))
+    x = x.to(device)
+    times = []
+    for r in range(repeats + 1):
+        _sync(device)
+        t0 = time.perf_counter()
+        model(x)
+        _sync(device)
+        if r > 0:
+            times.append(time.perf_counter() - t0)
+    return {"prefill_tokens_per_s": n_tokens / statistics.median(times), "prefill_tokens": n_tokens}

@@ -1,0 +1,170 @@
+"""The GPT: one Llama-style decoder built from a ModelConfig.
+
+RMSNorm, rotary positions, SwiGLU MLP, causal ``scaled_dot_product_attention``, no biases,
+tied or untied embeddings. Every projection is a plain ``nn.Linear`` (fused ``qkv`` and
+``gate_up``); the model knows nothing about quantization, which swaps those modules.
+
+Example:
+    >>> from qtrain.config import ModelConfig
+    >>> model = GPT(ModelConfig())
+    >>> logits = model(torch.zeros(1, 8, dtype=torch.long))  # (1, 8, 256)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qtrain.config import ModelConfig
+
+
+def rope_tables(head_dim: int, n_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cos/sin tables of shape (n_pos, head_dim // 2) for rotary embeddings."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    ang = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by tables (T, D/2), pairing the two halves of D."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    c, s = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values for every layer: (n_layer, B, H, T_max, D) each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        """Allocate a cache for `batch` sequences of up to cfg.block_size tokens."""
+        shape = (cfg.n_layer, batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention with rotary positions and an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.out = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            ck, cv = cache
+            ck[:, :, start : start + t] = k
+            cv[:, :, start : start + t] = v
+            k, v = ck[:, :, : start + t], cv[:, :, : start + t]
+            if t == 1:
+                y = F.scaled_dot_product_attention(q, k, v)
+            elif start == 0:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:  # chunk after a prefix: query i sees keys 0..start+i
+                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, t, c))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward with a fused gate/up projection."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.n_embd, 2 * cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only language model over byte tokens."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def init_weights(self, seed: int) -> None:
+        """Deterministic init: N(0, 0.02), residual outputs scaled by 1/sqrt(2 * n_layer)."""
+        gen = torch.Generator().manual_seed(seed)
+        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue
+            std = resid_std if name.endswith(("attn.out.weight", "mlp.down.weight")) else 0.02
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for mod in self.modules():
+            if isinstance(mod, nn.RMSNorm):
+                nn.init.ones_(mod.weight)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens `idx` (B, T) at positions start..start+T-1."""
+        t = idx.shape[1]
+        if start + t > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + t} tokens exceeds model.block_size={self.cfg.block_size}")
+        cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
+        x = self.tok_emb(idx)
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            x = block(x, cos, sin, layer_cache, start)
+        return self.lm_head(self.norm(x))
+
+    def n_params(self) -> int:
+        """Parameter count with tied weights counted once (packed buffers included by numel)."""
+        seen: set[int] = set()
+        total = 0
+        for t in list(self.parameters()) + [b for n, b in self.named_buffers() if not n.startswith("rope_")]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel()
+        return total
