@@ -22,19 +22,18 @@ from torch import nn
 from qtrain.config import ModelConfig
 
 
-def rope_tables(head_dim: int, n_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cos/sin tables of shape (n_pos, head_dim // 2) for rotary embeddings."""
+def rope_tables(head_dim: int, n_pos: int, theta: float) -> torch.Tensor:
+    """Rotations e^{i * pos * freq} as a complex64 table of shape (n_pos, head_dim // 2)."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     ang = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv)
-    return ang.cos(), ang.sin()
+    return torch.polar(torch.ones_like(ang), ang)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, D) by tables (T, D/2), pairing the two halves of D."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    c, s = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs of the last dim of (B, T, ..., D) by `rot` (T, D/2), in float32."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())  # (B, T, ..., D/2)
+    shape = (1, rot.shape[0]) + (1,) * (pairs.dim() - 3) + (rot.shape[1],)
+    return torch.view_as_real(pairs * rot.view(shape)).flatten(-2).type_as(x)
 
 
 @dataclass
@@ -64,14 +63,14 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rot: torch.Tensor,
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
     ) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim)
+        q, k = apply_rope(qkv[:, :, :2], rot).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each, rotated together
+        v = qkv[:, :, 2].transpose(1, 2)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -112,8 +111,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start)
+    def forward(self, x: torch.Tensor, rot: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rot, cache, start)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -129,9 +128,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope", rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta),
+                             persistent=False)
 
     def init_weights(self, seed: int) -> None:
         """Deterministic init: N(0, 0.02), residual outputs scaled by 1/sqrt(2 * n_layer)."""
@@ -152,18 +150,18 @@ class GPT(nn.Module):
         t = idx.shape[1]
         if start + t > self.cfg.block_size:
             raise ValueError(f"sequence of {start + t} tokens exceeds model.block_size={self.cfg.block_size}")
-        cos, sin = self.rope_cos[start : start + t], self.rope_sin[start : start + t]
+        rot = self.rope[start : start + t]
         x = self.tok_emb(idx)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x = block(x, cos, sin, layer_cache, start)
+            x = block(x, rot, layer_cache, start)
         return self.lm_head(self.norm(x))
 
     def n_params(self) -> int:
         """Parameter count with tied weights counted once (packed buffers included by numel)."""
         seen: set[int] = set()
         total = 0
-        for t in list(self.parameters()) + [b for n, b in self.named_buffers() if not n.startswith("rope_")]:
+        for t in list(self.parameters()) + [b for n, b in self.named_buffers() if n != "rope"]:
             if id(t) not in seen:
                 seen.add(id(t))
                 total += t.numel()
