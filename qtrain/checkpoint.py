@@ -2,8 +2,9 @@
 
 A checkpoint is a directory ``step_NNNNNNN/`` holding ``model.safetensors``,
 ``trainer.safetensors`` + ``trainer.json`` and, written last, ``manifest.json`` with the
-format version, versions, step, resolved config, model shape, and the size and SHA-256 of
-every file. Nothing is pickled. Loading reads the manifest, refuses newer formats, runs
+format version, versions, step, resolved config, model shape, quantization scheme per layer
+(format 2; `quant` is null for a full-precision model), and the size and SHA-256 of every
+file. Nothing is pickled. Loading reads the manifest, refuses newer formats, runs
 ``migrate_vN_to_vN1`` steps in order, verifies sizes and hashes, and checks safetensors
 headers before any tensor is allocated.
 
@@ -33,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from qtrain import __version__
 from qtrain.errors import CheckpointError, ConfigError, ResourceError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.safetensors"
@@ -179,6 +180,7 @@ def _write_files(tmp: Path, step: int, payload: Payload) -> dict[str, Any]:
         "created_unix": time.time(),
         "tied": tied,
         "files": files,
+        "quant": None,
         **payload.manifest,
     }
     _write_json(tmp / MANIFEST, manifest)
@@ -378,7 +380,15 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return migrate(manifest)
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+def migrate_v1_to_v2(manifest: dict[str, Any]) -> dict[str, Any]:
+    """v1 (full precision, before quantization existed) -> v2: add empty quantization metadata."""
+    out = dict(manifest)
+    out["quant"] = None
+    out["format_version"] = 2
+    return out
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: migrate_v1_to_v2}
 
 
 def migrate(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -83,6 +83,8 @@ def load_corpus(cfg: DataConfig, block_size: int = 0) -> Corpus:
     else:
         path = Path(str(cfg.path)).expanduser()
         raw, source = _read_text_files(path), str(path)
+    if not raw:
+        raise DataError(f"data.path: corpus {source} is empty; it needs at least {2 * (block_size + 1) * 10} bytes")
     tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     n_val = int(len(tokens) * cfg.val_fraction)
     train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
