@@ -34,8 +34,23 @@ from qtrain.errors import (
 )
 
 CONF_MODULE = "qtrain.conf"
-NO_PRECHECK_FLAGS = {"-m", "--multirun", "--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i",
-                     "--shell-completion", "-sc", "--version", "--resolve", "-p", "--package"}
+NO_PRECHECK_FLAGS = {
+    "-m",
+    "--multirun",
+    "--cfg",
+    "-c",
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+    "--version",
+    "--resolve",
+    "-p",
+    "--package",
+}
 STATUS_FILE = "status.json"
 _failures: list[dict[str, Any]] = []
 _started: list[bool] = []
@@ -87,7 +102,8 @@ def _valid_keys(parent: str) -> list[str]:
     node: Any = OmegaConf.structured(RunConfig)
     for part in filter(None, parent.split(".")):
         node = node.get(part) if isinstance(node, DictConfig) else None
-    return sorted(node.keys()) if isinstance(node, DictConfig) else sorted(OmegaConf.structured(RunConfig).keys())
+    node = node if isinstance(node, DictConfig) else OmegaConf.structured(RunConfig)
+    return sorted(str(k) for k in node)
 
 
 def _check_writable(run_dir: str) -> str | None:
@@ -123,8 +139,10 @@ def precheck(argv: list[str]) -> None:
         problems.append(msg)
     if problems:
         listed = "\n  - ".join(problems)
-        fail(f"invalid configuration ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n  - {listed}",
-             EXIT_CONFIG)
+        fail(
+            f"invalid configuration ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n  - {listed}",
+            EXIT_CONFIG,
+        )
 
 
 # ---------------------------------------------------------------- running one job
@@ -142,28 +160,35 @@ def _nonfinite_message(err: NonFiniteError, run_dir: Path) -> str:
     from qtrain.checkpoint import find_latest_valid
 
     last, _ = find_latest_valid(run_dir / "checkpoints")
-    return (f"{err}. Training stopped before the optimizer step; last good checkpoint: "
-            f"{last if last is not None else 'none (nothing saved yet)'}. Try a lower train.lr or train.grad_clip.")
+    return (
+        f"{err}. Training stopped before the optimizer step; last good checkpoint: "
+        f"{last if last is not None else 'none (nothing saved yet)'}. Try a lower train.lr or train.grad_clip."
+    )
 
 
 def _oom_message(cfg: RunConfig) -> str:
-    return (f"out of memory with train.batch_size={cfg.train.batch_size} and model.block_size={cfg.model.block_size} "
-            f"(model={cfg.model.name}). Reduce memory with train.batch_size=<smaller> and train.grad_accum=<larger> "
-            f"(same effective batch), a smaller model.block_size, or device=cpu.")
+    return (
+        f"out of memory with train.batch_size={cfg.train.batch_size} and model.block_size={cfg.model.block_size} "
+        f"(model={cfg.model.name}). Reduce memory with train.batch_size=<smaller> and train.grad_accum=<larger> "
+        f"(same effective batch), a smaller model.block_size, or device=cpu."
+    )
 
 
 def execute(cfg: RunConfig, run_dir: Path) -> int:
     """Run one job in `run_dir`; return its exit code (messages printed, never raised)."""
     import torch
 
-    from qtrain.runner import RunContext, run
+    from qtrain.modes import run
+    from qtrain.runner import RunContext
 
     problems = validate(cfg)
     if problems:
         err_console.print("[bold red]error:[/bold red] invalid configuration:\n  - " + "\n  - ".join(problems))
         _cleanup_empty_run_dir(run_dir)
         return EXIT_CONFIG
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(
+        "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     torch.manual_seed(cfg.seed)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device)
     previous = signal.signal(signal.SIGTERM, lambda *_: ctx.stop.set())
@@ -237,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     import hydra
 
     argv = sys.argv[1:] if argv is None else argv
+    _started.clear()  # fresh per call: tests and notebooks call main() repeatedly in one process
+    _failures.clear()
     register_configs()
     if not NO_PRECHECK_FLAGS.intersection(argv):
         precheck(argv)

@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -84,7 +84,7 @@ class DataConfig:
 
     name: str = "pydocs"
     """pydocs (embedded CPython docs) | text (data.path)."""
-    path: Optional[str] = None
+    path: str | None = None
     """File or directory of .txt files for data=text."""
     val_fraction: float = 0.1
     """Last fraction of the corpus used for validation."""
@@ -203,13 +203,13 @@ class RunConfig:
     qat: QATConfig = field(default_factory=QATConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    init_from: Optional[str] = None
+    init_from: str | None = None
     """Checkpoint dir (or run dir: its latest valid checkpoint) to start a new run from."""
     resume: str = "auto"
     """auto | never | must: continue this run dir from its latest valid checkpoint."""
-    compare_to: Optional[str] = None
+    compare_to: str | None = None
     """eval: reference checkpoint for KL / top-1 agreement."""
-    out: Optional[str] = None
+    out: str | None = None
     """upgrade: destination directory."""
     runs: list[str] = field(default_factory=list)
     """report: run or sweep directories."""
@@ -279,10 +279,17 @@ def _validate_quant(p: list[str], q: QuantConfig, m: ModelConfig) -> None:
         ok = q.group_size == -1 or q.group_size in GROUP_SIZES
         _check(p, ok, "quant.group_size", f"{q.group_size} must be one of {list(GROUP_SIZES)} or -1 (per channel)")
         if ok and q.group_size > 0:
-            for name, k in (("attention/MLP input (model.n_embd)", m.n_embd), ("MLP down input (model.mlp_hidden)", m.mlp_hidden)):
-                _check(p, k % q.group_size == 0, "quant.group_size",
-                       f"{q.group_size} does not divide the {name} = {k}; pick one of "
-                       f"{[g for g in GROUP_SIZES if k % g == 0] or 'none'} or -1")
+            for name, k in (
+                ("attention/MLP input (model.n_embd)", m.n_embd),
+                ("MLP down input (model.mlp_hidden)", m.mlp_hidden),
+            ):
+                _check(
+                    p,
+                    k % q.group_size == 0,
+                    "quant.group_size",
+                    f"{q.group_size} does not divide the {name} = {k}; pick one of "
+                    f"{[g for g in GROUP_SIZES if k % g == 0] or 'none'} or -1",
+                )
     if q.scheme == "int8":
         _check(p, q.symmetric, "quant.symmetric", "int8 weights are symmetric per channel; set quant.symmetric=true")
 

@@ -123,8 +123,9 @@ class BatchSampler:
     its own slice (`rank`, `world`), so ranks read disjoint shards.
     """
 
-    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, world: int = 1) -> None:
+    def __init__(
+        self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1
+    ) -> None:
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.seed, self.rank, self.world = seed, rank, world
         self.epoch, self.cursor = 0, 0

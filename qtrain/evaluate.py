@@ -29,8 +29,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def val_loss(model: nn.Module, tokens: torch.Tensor, starts: torch.Tensor, block_size: int,
-             batch_size: int = 32) -> float:
+def val_loss(
+    model: nn.Module, tokens: torch.Tensor, starts: torch.Tensor, block_size: int, batch_size: int = 32
+) -> float:
     """Mean next-token cross-entropy (nats per byte) over the windows at `starts`."""
     was_training = model.training
     model.eval()
@@ -63,8 +64,14 @@ class Comparison:
 
 
 @torch.no_grad()
-def compare(model: nn.Module, reference: nn.Module, tokens: torch.Tensor, starts: torch.Tensor,
-            block_size: int, batch_size: int = 32) -> Comparison:
+def compare(
+    model: nn.Module,
+    reference: nn.Module,
+    tokens: torch.Tensor,
+    starts: torch.Tensor,
+    block_size: int,
+    batch_size: int = 32,
+) -> Comparison:
     """Logit KL, top-1 agreement and the reference's loss on the same validation windows."""
     dev_m, dev_r = _model_device(model), _model_device(reference)
     kl_sum, agree, n, ref_loss = 0.0, 0, 0, 0.0
@@ -91,8 +98,14 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Gen
 
 
 @torch.no_grad()
-def generate_tokens(model: GPT, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                    top_k: int = 0, seed: int | None = None) -> torch.Tensor:
+def generate_tokens(
+    model: GPT,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int | None = None,
+) -> torch.Tensor:
     """Extend `prompt` (B, T) by `max_new_tokens` with the KV cache; returns (B, T + new).
 
     When the context fills, the cache is rebuilt from the last half of the window.

@@ -128,8 +128,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.register_buffer("rope", rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta),
-                             persistent=False)
+        self.register_buffer(
+            "rope", rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta), persistent=False
+        )
 
     def init_weights(self, seed: int) -> None:
         """Deterministic init: N(0, 0.02), residual outputs scaled by 1/sqrt(2 * n_layer)."""
@@ -150,7 +151,7 @@ class GPT(nn.Module):
         t = idx.shape[1]
         if start + t > self.cfg.block_size:
             raise ValueError(f"sequence of {start + t} tokens exceeds model.block_size={self.cfg.block_size}")
-        rot = self.rope[start : start + t]
+        rot = self.get_buffer("rope")[start : start + t]
         x = self.tok_emb(idx)
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])

@@ -1,28 +1,29 @@
 """Mode functions: each loads what it needs, runs the library code, saves and reports.
 
-`cli` composes and validates the config, then calls `MODES[name](ctx)`. Everything here is
-plain library code that tests call directly with a `RunContext`.
+`cli` composes and validates the config, then `qtrain.modes.run(ctx)` calls the mode function.
+Everything here is plain library code that tests call directly with a `RunContext`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
 from qtrain import checkpoint as ck
-from qtrain.config import RunConfig
+from qtrain.config import ModelConfig, QuantConfig, RunConfig
 from qtrain.console import console, info, rank, warn
 from qtrain.data import BatchSampler, Corpus, load_corpus, val_starts
-from qtrain.errors import ConfigError
+from qtrain.errors import CheckpointError, ConfigError
 from qtrain.evaluate import decode_speed, generate, perplexity, prefill_speed, val_loss
 from qtrain.model import GPT
-from qtrain.report import write_report
+from qtrain.quant import api
 from qtrain.train import Hooks, StopFlag, Trainer, progress_printer
 
 
@@ -57,12 +58,26 @@ def fresh_model(ctx: RunContext) -> GPT:
     return model.to(ctx.device)
 
 
-def model_from_checkpoint(ckpt: ck.Checkpoint, device: torch.device) -> GPT:
-    """Rebuild the model a checkpoint describes (from its manifest alone) and load its weights."""
-    from qtrain.config import ModelConfig
+def model_from_checkpoint(ckpt: ck.Checkpoint, device: torch.device, kernel: str = "auto") -> GPT:
+    """Rebuild the model a checkpoint describes (from its manifest alone) and load its weights.
 
+    Full precision, packed (PTQ/QAT/finetune results) and fake-quant (QAT in progress)
+    checkpoints all rebuild without any config: shapes and per-layer schemes come from the
+    manifest. Loading is strict.
+
+    Raises:
+        CheckpointError: the state does not match the manifest's model.
+    """
     model = GPT(ModelConfig(**ckpt.manifest["model"]))
-    model.load_state_dict(ckpt.model_state, strict=True)
+    quant = ckpt.manifest.get("quant")
+    if quant and quant.get("state") == "fake":
+        api.prepare(model, QuantConfig(**quant["config"]), learn_scales=bool(quant.get("learn_scales")))
+    elif quant:
+        api.build_packed_skeleton(model, quant["layers"], kernel)
+    try:
+        model.load_state_dict(ckpt.model_state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{ckpt.path}: tensors do not match the manifest's model: {err}") from None
     return model.to(device)
 
 
@@ -71,12 +86,19 @@ def load_init(ctx: RunContext) -> tuple[ck.Checkpoint, GPT]:
     path = ck.resolve_checkpoint(str(ctx.cfg.init_from))
     info(f"init_from: {path}")
     ckpt = ck.load_checkpoint(path, with_trainer=False)
-    return ckpt, model_from_checkpoint(ckpt, ctx.device)
+    return ckpt, model_from_checkpoint(ckpt, ctx.device, ctx.cfg.quant.kernel)
 
 
-def corpus_for(ctx: RunContext) -> Corpus:
+def corpus_for(ctx: RunContext, block_size: int) -> Corpus:
     """The configured corpus, checked against the model's context."""
-    return load_corpus(ctx.cfg.data, ctx.cfg.model.block_size)
+    return load_corpus(ctx.cfg.data, block_size)
+
+
+def world_size() -> int:
+    """Processes in the DDP group (1 when not distributed)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def eval_fn_for(ctx: RunContext, corpus: Corpus, block_size: int) -> Callable[[nn.Module], float]:
@@ -85,10 +107,20 @@ def eval_fn_for(ctx: RunContext, corpus: Corpus, block_size: int) -> Callable[[n
     return lambda model: val_loss(model, corpus.val, starts, block_size)
 
 
+def unwrap(model: nn.Module) -> GPT:
+    """The GPT inside a DDP/compile wrapper."""
+    inner: Any = model
+    while not isinstance(inner, GPT):
+        inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"not a qtrain GPT: {type(model).__name__}")
+    return inner
+
+
 def payload_for(ctx: RunContext, model: nn.Module, step: int, trainer_state: dict[str, Any] | None) -> ck.Payload:
     """Everything a checkpoint stores for this run."""
     meta: dict[str, Any] = {"trainer": trainer_state} if trainer_state is not None else {}
-    gpt = model if isinstance(model, GPT) else getattr(model, "module", model)
+    gpt = unwrap(model)
     manifest = {"mode": ctx.cfg.mode.name, "config": config_dict(ctx.cfg), "model": asdict(gpt.cfg)}
     return ck.Payload(model_state=dict(model.state_dict()), trainer_meta=meta, manifest=manifest)
 
@@ -116,6 +148,7 @@ def try_resume(ctx: RunContext, model: nn.Module, trainer: Trainer) -> bool:
     if found is None:
         if ctx.cfg.resume == "must":
             raise ConfigError(f"resume=must: no valid checkpoint in {ctx.ckpt_root}")
+        info(f"resume=auto: no valid checkpoint in {ctx.ckpt_root}; starting fresh")
         return False
     ckpt = ck.load_checkpoint(found)
     model.load_state_dict(ckpt.model_state, strict=True)
@@ -124,10 +157,16 @@ def try_resume(ctx: RunContext, model: nn.Module, trainer: Trainer) -> bool:
     return True
 
 
-def base_report(ctx: RunContext, model: nn.Module, step: int, vloss: float | None, path: Path | None,
-                quant: dict[str, Any] | None = None) -> dict[str, Any]:
+def base_report(
+    ctx: RunContext,
+    model: nn.Module,
+    step: int,
+    vloss: float | None,
+    path: Path | None,
+    quant: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The keys every report.json has (DESIGN.md section 2)."""
-    gpt = model if isinstance(model, GPT) else getattr(model, "module", model)
+    gpt = unwrap(model)
     size = sum(f.stat().st_size for f in path.iterdir()) if path is not None else None
     return {
         "mode": ctx.cfg.mode.name,
@@ -161,18 +200,28 @@ def _progress(ctx: RunContext) -> Callable[[int, float], None]:
 def run_train(ctx: RunContext) -> dict[str, Any]:
     """mode=train: full-precision training from scratch or `init_from`."""
     cfg = ctx.cfg
-    corpus = corpus_for(ctx)
     if cfg.init_from:
-        _, model = load_init(ctx)
-        if model.cfg != cfg.model:
-            info("init_from: using the checkpoint's model shape")
+        ckpt, model = load_init(ctx)
+        if ckpt.manifest.get("quant"):
+            raise ConfigError(
+                f"init_from: {ckpt.path} is quantized; mode=train trains full-precision models. "
+                f"Use mode=finetune init_from={ckpt.path} to train it further in its scheme"
+            )
     else:
         model = fresh_model(ctx)
+    corpus = corpus_for(ctx, model.cfg.block_size)
     block = model.cfg.block_size
-    sampler = BatchSampler(corpus.train, block, cfg.train.batch_size, cfg.seed, rank(), _world())
+    sampler = BatchSampler(corpus.train, block, cfg.train.batch_size, cfg.seed, rank(), world_size())
     hooks = Hooks(eval_fn=eval_fn_for(ctx, corpus, block), stop=ctx.stop)
-    trainer = Trainer(model, cfg.train, sampler, ctx.device, hooks=hooks,
-                      metrics_path=ctx.run_dir / "metrics.jsonl", compile_model=cfg.compile)
+    trainer = Trainer(
+        model,
+        cfg.train,
+        sampler,
+        ctx.device,
+        hooks=hooks,
+        metrics_path=ctx.run_dir / "metrics.jsonl",
+        compile_model=cfg.compile,
+    )
     hooks.save_fn = saver(ctx, model)
     try_resume(ctx, model, trainer)
     summary = trainer.fit(_progress(ctx))
@@ -181,12 +230,6 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
     report = base_report(ctx, model, trainer.step, vloss, path)
     report["train_tokens_per_s"] = round(summary["tokens_per_s"], 1)
     return report
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def run_eval(ctx: RunContext) -> dict[str, Any]:
@@ -202,11 +245,16 @@ def run_eval(ctx: RunContext) -> dict[str, Any]:
         from qtrain.evaluate import compare
 
         ref_ckpt = ck.load_checkpoint(ck.resolve_checkpoint(ctx.cfg.compare_to, "compare_to"), with_trainer=False)
-        ref = model_from_checkpoint(ref_ckpt, ctx.device)
+        ref = model_from_checkpoint(ref_ckpt, ctx.device, "reference")
         starts = val_starts(len(corpus.val), model.cfg.block_size, ctx.cfg.data.val_windows)
         cmp = compare(model, ref, corpus.val, starts, model.cfg.block_size)
-        report.update({"reference_val_ppl": perplexity(cmp.reference_val_loss), "logit_kl": cmp.kl,
-                       "top1_agreement": cmp.top1_agreement})
+        report.update(
+            {
+                "reference_val_ppl": perplexity(cmp.reference_val_loss),
+                "logit_kl": cmp.kl,
+                "top1_agreement": cmp.top1_agreement,
+            }
+        )
     return report
 
 
@@ -217,22 +265,17 @@ def run_generate(ctx: RunContext) -> dict[str, Any]:
     text = generate(model, g.prompt, g.max_new_tokens, g.temperature, g.top_k, ctx.cfg.seed)
     if rank() == 0:
         console.print(text, markup=False)
-    return {"mode": "generate", "prompt": g.prompt, "text": text, "checkpoint": str(ctx.cfg.init_from),
-            "elapsed_s": round(time.perf_counter() - ctx.t0, 3)}
+    return {
+        "mode": "generate",
+        "prompt": g.prompt,
+        "text": text,
+        "checkpoint": str(ctx.cfg.init_from),
+        "elapsed_s": round(time.perf_counter() - ctx.t0, 3),
+    }
 
 
-MODES: dict[str, Callable[[RunContext], dict[str, Any]]] = {
+BASE_MODES: dict[str, Callable[[RunContext], dict[str, Any]]] = {
     "train": run_train,
     "eval": run_eval,
     "generate": run_generate,
 }
-
-
-def run(ctx: RunContext) -> dict[str, Any]:
-    """Dispatch to the mode function and write report.json."""
-    fn = MODES.get(ctx.cfg.mode.name)
-    if fn is None:
-        raise ConfigError(f"mode: '{ctx.cfg.mode.name}' is not available; choose one of {sorted(MODES)}")
-    report = fn(ctx)
-    write_report(ctx.run_dir, report)
-    return report

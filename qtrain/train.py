@@ -17,9 +17,10 @@ import json
 import math
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,10 +35,8 @@ from qtrain.errors import NonFiniteError, Preempted
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class StepCallback(Protocol):
-    """Called with the step index about to run (`before`) or just completed (`after`)."""
-
-    def __call__(self, step: int, model: nn.Module) -> dict[str, float] | None: ...
+StepCallback = Callable[[int, nn.Module], "dict[str, float] | None"]
+"""Called with the step index about to run (`before`) or just completed (`after`)."""
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -58,7 +57,8 @@ def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> to
 
 def default_param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Weight decay on matrices, none on norms and other vectors."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
@@ -102,10 +102,19 @@ class Hooks:
 class Trainer:
     """One training run's loop and state."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, sampler: BatchSampler, device: torch.device, *,
-                 hooks: Hooks | None = None, loss_fn: LossFn = cross_entropy_loss,
-                 param_groups: list[dict[str, Any]] | None = None, metrics_path: Path | None = None,
-                 compile_model: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        sampler: BatchSampler,
+        device: torch.device,
+        *,
+        hooks: Hooks | None = None,
+        loss_fn: LossFn = cross_entropy_loss,
+        param_groups: list[dict[str, Any]] | None = None,
+        metrics_path: Path | None = None,
+        compile_model: bool = False,
+    ) -> None:
         self.model, self.cfg, self.sampler, self.device = model, cfg, sampler, device
         self.hooks = hooks or Hooks()
         self.loss_fn = loss_fn
@@ -127,8 +136,12 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer, step and sampler position, as nested tensors and scalars."""
-        return {"optimizer": self.optimizer.state_dict(), "step": self.step,
-                "sampler": self.sampler.state_dict(), "rng_cpu": torch.get_rng_state()}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state saved by `state_dict`."""
@@ -149,7 +162,11 @@ class Trainer:
     def _micro_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
         for i in range(self.cfg.grad_accum):
             x, y = self.sampler.next_batch()
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), i == self.cfg.grad_accum - 1
+            yield (
+                x.to(self.device, non_blocking=True),
+                y.to(self.device, non_blocking=True),
+                i == self.cfg.grad_accum - 1,
+            )
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step; returns (loss, grad norm). Raises NonFiniteError before stepping."""
@@ -215,8 +232,16 @@ class Trainer:
         if record or self.step % cfg.log_every == 0 or is_last:
             tokens = self.sampler.batch_size * self.sampler.block_size * cfg.grad_accum * self.world
             lr = self.optimizer.param_groups[0]["lr"]
-            self._log({"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": tokens / max(dt, 1e-9), **record})
+            self._log(
+                {
+                    "step": self.step,
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens / max(dt, 1e-9),
+                    **record,
+                }
+            )
         if cfg.save_every and self.step % cfg.save_every == 0 and not is_last:
             self.save()
 
@@ -239,9 +264,13 @@ class Trainer:
         if self.cfg.eval_every == 0 and self.hooks.eval_fn is not None:
             self.evaluate()
         steps = self.step - start_step
-        return {"step": self.step, "loss": loss, "train_s": elapsed,
-                "tokens_per_s": steps * tokens_per_step / elapsed if steps and elapsed > 0 else 0.0,
-                "val_loss": self.last_val_loss}
+        return {
+            "step": self.step,
+            "loss": loss,
+            "train_s": elapsed,
+            "tokens_per_s": steps * tokens_per_step / elapsed if steps and elapsed > 0 else 0.0,
+            "val_loss": self.last_val_loss,
+        }
 
 
 def progress_printer(max_steps: int) -> Callable[[int, float], None]:

@@ -1,0 +1,167 @@
+"""Experiment hooks: user callables that run at fixed points of quantized training.
+
+List them in the config; each entry is instantiated with Hydra (`_target_` plus arguments)
+and may define any of these methods, called in this order:
+
+- ``after_prepare(model)``: once, after `prepare` swapped in fake-quant modules
+  (or after a quantized checkpoint became trainable in `mode=finetune`)
+- ``on_weight(name, fake_weight) -> Tensor | None``: on every fake-quantized weight in every
+  forward; a returned tensor replaces the weight for that forward
+- ``after_step(step, model) -> dict | None``: after every optimizer step; a returned dict is
+  logged to `metrics.jsonl` at that step
+- ``before_convert(model)``: once, just before conversion to packed integers
+
+A `_target_` that resolves to a plain function (no such methods) is called as
+``after_step(step, model)``.
+
+Example (a worked hook: clip every fake-quant weight to +-3 standard deviations)::
+
+    # mypkg/hooks.py
+    class ClipOutliers:
+        def __init__(self, sigmas: float = 3.0):
+            self.sigmas = sigmas
+        def on_weight(self, name, w):
+            bound = self.sigmas * w.std()
+            return w.clamp(-bound, bound)
+
+    # command line
+    qtrain mode=qat quant=int4 'hooks=[{_target_: mypkg.hooks.ClipOutliers, sigmas: 2.5}]'
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qtrain.quant import api
+from qtrain.quant.fake import FakeQuantLinear
+from qtrain.quant.primitives import dequantize
+
+POINTS = ("after_prepare", "on_weight", "after_step", "before_convert")
+
+
+class _FunctionHook:
+    """Adapts a plain callable to the `after_step` point."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
+        out = self.fn(step, model)
+        return out if isinstance(out, dict) else None
+
+
+class HookSet:
+    """The configured hooks, called together at each point in list order."""
+
+    def __init__(self, hooks: list[Any]) -> None:
+        self.hooks = hooks
+        self._removers: list[Any] = []
+
+    def after_prepare(self, model: nn.Module) -> None:
+        """Run `after_prepare` hooks, then attach `on_weight` hooks to every fake-quant module."""
+        for h in self.hooks:
+            if hasattr(h, "after_prepare"):
+                h.after_prepare(model)
+        for h in self.hooks:
+            if hasattr(h, "on_weight"):
+                self._removers.append(api.register_weight_hook(model, h.on_weight))
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
+        """Run `after_step` hooks; merge the metrics they return."""
+        merged: dict[str, float] = {}
+        for h in self.hooks:
+            if hasattr(h, "after_step"):
+                merged.update(h.after_step(step, model) or {})
+        return merged or None
+
+    def before_convert(self, model: nn.Module) -> None:
+        """Run `before_convert` hooks and detach weight hooks (conversion stores the real codes)."""
+        for h in self.hooks:
+            if hasattr(h, "before_convert"):
+                h.before_convert(model)
+        for remove in self._removers:
+            remove()
+        self._removers.clear()
+
+
+def build_hooks(specs: list[Any], run_dir: Path | None = None) -> HookSet:
+    """Instantiate hook configs (`{_target_: pkg.Class, ...}`) into a HookSet.
+
+    Raises:
+        ValueError: an entry without `_target_`, or one that cannot be imported (names it).
+    """
+    from hydra.utils import instantiate
+
+    hooks = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or "_target_" not in spec:
+            raise ValueError(f"hooks[{i}]: each hook needs a _target_ (got {spec!r})")
+        try:
+            hook = instantiate(spec)
+        except Exception as err:  # noqa: BLE001 - report which hook failed and why
+            raise ValueError(f"hooks[{i}]: cannot instantiate {spec['_target_']}: {err}") from None
+        if not any(hasattr(hook, p) for p in POINTS):
+            if not callable(hook):
+                raise ValueError(f"hooks[{i}]: {spec['_target_']} is neither callable nor defines {POINTS}")
+            hook = _FunctionHook(hook)
+        hooks.append(hook)
+    return HookSet(hooks)
+
+
+def sqnr_db(weight: torch.Tensor, quantized: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|w|^2 / |w - q(w)|^2)."""
+    noise = float((weight.float() - quantized.float()).pow(2).sum())
+    signal = float(weight.float().pow(2).sum())
+    return math.inf if noise == 0 else 10 * math.log10(signal / noise)
+
+
+class SQNRLogger:
+    """Built-in: per-layer quantization SQNR (dB) logged to metrics.jsonl every `every` steps.
+
+    Config: ``'hooks=[{_target_: qtrain.quant.hooks.SQNRLogger, every: 100}]'``
+    """
+
+    def __init__(self, every: int = 100) -> None:
+        self.every = max(1, int(every))
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
+        if step % self.every:
+            return None
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            for name, m in api.fake_quant_modules(model):
+                qw = m.quantized()
+                deq = dequantize(qw.codes, qw.scales, qw.zeros, m.spec.bits, m.spec.group_size)
+                out[f"sqnr_db/{name}"] = round(sqnr_db(m.weight, deq), 3)
+        if out:
+            out["sqnr_db_min"] = min(out.values())
+        return out
+
+
+class KeepFullPrecision:
+    """Built-in: keep the layers whose names match any glob pattern in full precision.
+
+    Config: ``'hooks=[{_target_: qtrain.quant.hooks.KeepFullPrecision, patterns: ["blocks.0.*"]}]'``
+    The matching fake-quant layers go back to ``nn.Linear`` right after prepare and are
+    skipped by convert (their names are listed in the checkpoint as full precision).
+    """
+
+    def __init__(self, patterns: list[str]) -> None:
+        self.patterns = list(patterns)
+        self.kept: list[str] = []
+
+    def after_prepare(self, model: nn.Module) -> None:
+        for name, m in list(model.named_modules()):
+            if isinstance(m, FakeQuantLinear) and any(fnmatch.fnmatch(name, p) for p in self.patterns):
+                linear = m.to_linear()
+                api.keep_full_precision(linear)
+                api.set_module(model, name, linear)
+                self.kept.append(name)
+        if not self.kept:
+            raise ValueError(f"KeepFullPrecision: no quantized layer matches {self.patterns}")

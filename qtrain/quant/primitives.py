@@ -1,0 +1,479 @@
+"""Pure tensor functions: quantization parameters, codes, dequantization, int4 packing.
+
+Everything that turns floats into integer codes goes through this module, so fake-quant
+(QAT), convert, PTQ and the packed kernels agree bit for bit. Conventions:
+
+- Weights are ``[N, K]`` (``nn.Linear`` layout: N outputs, K inputs) and are quantized in
+  groups of ``group_size`` consecutive input columns; ``group_size=-1`` means one group per
+  row (per output channel). ``G = K // group_size`` groups per row.
+- Scales are rounded to **bfloat16** by :func:`choose_qparams` itself (the stored dtype and
+  what the CPU kernels consume) and codes are always computed with the rounded scale.
+- A weight is reconstructed as ``(code - zero) * scale`` in float32 for every scheme:
+
+  ========================  ===============  ==============  =====================
+  scheme                    stored code      zero            signed range
+  ========================  ===============  ==============  =====================
+  int8 (symmetric)          int8 [-128,127]  0 (implicit)    [-128, 127]
+  int4 symmetric            uint8 0..15      8 (implicit)    [-8, 7]
+  int4 asymmetric           uint8 0..15      uint8 0..15     [-zero, 15 - zero]
+  ========================  ===============  ==============  =====================
+
+  Symmetric scales map the largest magnitude to half the code span:
+  ``scale = amax / ((qmax - qmin) / 2)`` (127.5 for int8, 7.5 for int4), torchao's
+  convention, so the most negative code is used and the largest positive value clamps by
+  at most half a step. Asymmetric scales span ``[min(w, 0), max(w, 0)]`` over 15 steps with
+  an integer zero point.
+- int4 codes are packed two per byte, ``uint8 [N, K // 2]``, low nibble = even column.
+- Activations (int8 dynamic) use one symmetric scale per row (token), int8 range [-128, 127].
+
+Example:
+    >>> w = torch.randn(64, 128)
+    >>> qw = quantize_weight(w, bits=4, group_size=32)
+    >>> w_hat = dequantize(qw.codes, qw.scales, qw.zeros, bits=4, group_size=32)  # (64, 128)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+SCALE_DTYPE = torch.bfloat16
+"""Dtype every scale is rounded to (and stored in)."""
+SCALE_EPS = float(torch.finfo(torch.float32).eps)
+"""Smallest scale (before bf16 rounding): keeps all-zero groups finite."""
+SUPPORTED_BITS = (4, 8)
+ACTIVATION_MODES = ("none", "int8")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How one layer is quantized (the per-layer entry of a checkpoint manifest).
+
+    Attributes:
+        scheme: scheme name from ``qtrain.quant.api.SCHEMES`` (informational here).
+        bits: weight bits, 4 or 8.
+        group_size: columns per scale along K, or -1 for one scale per output channel.
+        symmetric: symmetric codes, or asymmetric int4 with a uint8 zero point per group.
+        activations: ``"none"`` or ``"int8"`` (dynamic per-token activation quantization).
+
+    Example:
+        >>> spec = LayerSpec("int4", bits=4, group_size=32)
+        >>> LayerSpec.from_dict(spec.to_dict()) == spec
+        True
+    """
+
+    scheme: str
+    bits: int
+    group_size: int = -1
+    symmetric: bool = True
+    activations: str = "none"
+
+    def groups(self, in_features: int) -> int:
+        """Scales per output row for a layer with ``in_features`` inputs."""
+        return 1 if self.group_size == -1 else in_features // self.group_size
+
+    def check(self, layer: str, in_features: int) -> None:
+        """Validate this spec for a layer.
+
+        Args:
+            layer: module name used in error messages.
+            in_features: the layer's K.
+
+        Raises:
+            ValueError: bits not 4/8; group size not -1 and not dividing K; int8 with groups
+                or asymmetric; unknown activation mode.
+        """
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"{layer}: bits={self.bits} is not supported; use one of {list(SUPPORTED_BITS)}")
+        if self.group_size != -1 and (self.group_size <= 0 or in_features % self.group_size != 0):
+            raise ValueError(
+                f"{layer}: group_size={self.group_size} does not divide its input size K={in_features}; "
+                "use a divisor of K or -1 (per channel)"
+            )
+        if self.bits == 8 and (self.group_size != -1 or not self.symmetric):
+            raise ValueError(f"{layer}: int8 weights are symmetric per output channel (group_size=-1, symmetric)")
+        if self.activations not in ACTIVATION_MODES:
+            raise ValueError(f"{layer}: activations={self.activations!r} is not one of {list(ACTIVATION_MODES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict of the fields."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerSpec:
+        """Build from :meth:`to_dict` output; extra keys (layer metadata) are ignored.
+
+        Args:
+            data: mapping with at least ``scheme`` and ``bits``.
+
+        Returns:
+            The spec.
+
+        Raises:
+            ValueError: a required key is missing.
+        """
+        missing = [f.name for f in fields(cls) if f.name in ("scheme", "bits") and f.name not in data]
+        if missing:
+            raise ValueError(f"layer spec {data!r} lacks key(s) {missing}")
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+class QuantizedWeight(NamedTuple):
+    """Integer codes plus the parameters that reconstruct them.
+
+    Attributes:
+        codes: ``int8 [N, K]`` (8 bits) or ``uint8 [N, K]`` values 0..15 (4 bits, unpacked).
+        scales: ``bfloat16 [N, G]``.
+        zeros: ``uint8 [N, G]`` for asymmetric int4, else ``None``.
+    """
+
+    codes: Tensor
+    scales: Tensor
+    zeros: Tensor | None
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    """Stored code range ``(lo, hi)``: (-128, 127) for 8 bits, (0, 15) for 4 bits.
+
+    Args:
+        bits: 4 or 8.
+
+    Returns:
+        Inclusive bounds of the stored integer codes.
+
+    Raises:
+        ValueError: bits is not 4 or 8.
+    """
+    if bits == 8:
+        return -128, 127
+    if bits == 4:
+        return 0, 15
+    raise ValueError(f"bits={bits} is not supported; use one of {list(SUPPORTED_BITS)}")
+
+
+def implicit_zero(bits: int) -> int:
+    """Zero point of symmetric codes: 0 for int8, 8 for int4 (codes stored as q + 8)."""
+    return 8 if bits == 4 else 0
+
+
+def code_dtype(bits: int) -> torch.dtype:
+    """Dtype of unpacked codes: int8 for 8 bits, uint8 for 4 bits."""
+    return torch.int8 if bits == 8 else torch.uint8
+
+
+def group_view(weight: Tensor, group_size: int) -> Tensor:
+    """View ``[N, K]`` as ``[N, G, g]`` groups along K (``group_size=-1``: g = K).
+
+    Args:
+        weight: ``[N, K]`` tensor.
+        group_size: columns per group, or -1 for one group per row.
+
+    Returns:
+        A ``[N, G, g]`` view (a copy only when ``weight`` is not contiguous).
+
+    Raises:
+        ValueError: group_size does not divide K.
+    """
+    n, k = weight.shape
+    g = k if group_size == -1 else group_size
+    if g <= 0 or k % g != 0:
+        raise ValueError(f"group_size={group_size} does not divide the input size K={k}")
+    return weight.reshape(n, k // g, g)
+
+
+def round_scale(scale: Tensor) -> Tensor:
+    """Clamp a float scale to ``SCALE_EPS`` and round it to bfloat16 (nearest even)."""
+    return scale.clamp_min(SCALE_EPS).to(SCALE_DTYPE)
+
+
+def choose_qparams(
+    weight: Tensor,
+    bits: int,
+    group_size: int = -1,
+    symmetric: bool = True,
+    clip_ratio: Tensor | float | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Scales (and zero points) for ``weight``, one per (row, group).
+
+    Args:
+        weight: ``[N, K]`` float tensor.
+        bits: 4 or 8 (8 must be symmetric).
+        group_size: columns per group along K, or -1 for per output channel.
+        symmetric: symmetric codes (no zero point) or asymmetric with a uint8 zero point.
+        clip_ratio: optional shrink factor of the range, a float or a tensor broadcastable
+            to ``[N, G]`` (MSE clipping search); 1.0 means no clipping.
+
+    Returns:
+        ``(scales, zeros)``: ``bfloat16 [N, G]`` and ``uint8 [N, G]`` or ``None`` when
+        symmetric.
+
+    Raises:
+        ValueError: unsupported bits, asymmetric int8, or group_size not dividing K.
+    """
+    lo, hi = code_range(bits)
+    if bits == 8 and not symmetric:
+        raise ValueError("int8 weights are symmetric; asymmetric is only supported for int4")
+    wg = group_view(weight.detach().float(), group_size)  # (N, G, g)
+    if symmetric:
+        amax = wg.abs().amax(dim=-1)  # (N, G)
+        if clip_ratio is not None:
+            amax = amax * clip_ratio
+        return round_scale(amax / ((hi - lo) / 2)), None
+    w_min = wg.amin(dim=-1).clamp(max=0.0)  # (N, G)
+    w_max = wg.amax(dim=-1).clamp(min=0.0)
+    if clip_ratio is not None:
+        w_min, w_max = w_min * clip_ratio, w_max * clip_ratio
+    scales = round_scale((w_max - w_min) / (hi - lo))
+    zeros = (lo - torch.round(w_min / scales.float())).clamp(lo, hi).to(torch.uint8)
+    return scales, zeros
+
+
+def signed_bounds(bits: int, zeros: Tensor | None) -> tuple[Tensor | int, Tensor | int]:
+    """Signed-domain clamp bounds ``(lo - zero, hi - zero)``, shaped ``[N, G, 1]`` or ints."""
+    lo, hi = code_range(bits)
+    if zeros is None:
+        z = implicit_zero(bits)
+        return lo - z, hi - z
+    zf = zeros.float().unsqueeze(-1)  # (N, G, 1)
+    return lo - zf, hi - zf
+
+
+def clamp_codes(q: Tensor, lo: Tensor | int, hi: Tensor | int) -> Tensor:
+    """Clamp to bounds from :func:`signed_bounds` (in place when they are ints)."""
+    if isinstance(lo, Tensor) and isinstance(hi, Tensor):
+        return torch.clamp(q, lo, hi)
+    assert isinstance(lo, int) and isinstance(hi, int)
+    return q.clamp_(lo, hi)
+
+
+def quantize(weight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """Integer codes of ``weight`` for given scales and zero points.
+
+    ``code = clamp(round(w / scale) + zero, lo, hi)`` with round-half-to-even.
+
+    Args:
+        weight: ``[N, K]`` float tensor.
+        scales: ``[N, G]`` (bf16 values; any float dtype holding them).
+        zeros: ``uint8 [N, G]`` (asymmetric int4) or ``None`` (implicit zero).
+        bits: 4 or 8.
+        group_size: columns per group, or -1.
+
+    Returns:
+        Codes ``[N, K]``: int8 for 8 bits, uint8 0..15 for 4 bits.
+
+    Raises:
+        ValueError: unsupported bits or group_size not dividing K.
+    """
+    q = signed_codes(weight, scales, zeros, bits, group_size)
+    z = implicit_zero(bits) if zeros is None else zeros.float().unsqueeze(-1)
+    n, k = weight.shape
+    return (q + z).reshape(n, k).to(code_dtype(bits))
+
+
+def signed_codes(weight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """``clamp(round(w / scale), lo - zero, hi - zero)`` as float ``[N, G, g]`` (code - zero).
+
+    This is the single rounding rule behind :func:`quantize` and fake-quant.
+
+    Args:
+        weight: ``[N, K]`` float tensor.
+        scales: ``[N, G]`` scales.
+        zeros: ``uint8 [N, G]`` or ``None``.
+        bits: 4 or 8.
+        group_size: columns per group, or -1.
+
+    Returns:
+        Float ``[N, G, g]`` integer-valued tensor.
+    """
+    lo, hi = signed_bounds(bits, zeros)
+    wg = group_view(weight.detach().float(), group_size)
+    q = torch.div(wg, scales.float().unsqueeze(-1)).round_()
+    return clamp_codes(q, lo, hi)
+
+
+def dequantize(codes: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """Float32 weight ``(code - zero) * scale`` from unpacked codes.
+
+    Args:
+        codes: ``[N, K]`` int8 (8 bits) or uint8 0..15 (4 bits, unpacked).
+        scales: ``[N, G]`` scales.
+        zeros: ``uint8 [N, G]`` or ``None``.
+        bits: 4 or 8.
+        group_size: columns per group, or -1.
+
+    Returns:
+        Float32 ``[N, K]``.
+    """
+    n, k = codes.shape
+    z = implicit_zero(bits) if zeros is None else zeros.float().unsqueeze(-1)
+    cg = group_view(codes, group_size).float()  # (N, G, g)
+    return ((cg - z) * scales.float().unsqueeze(-1)).reshape(n, k)
+
+
+def fake_quantize(
+    weight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int
+) -> tuple[Tensor, Tensor]:
+    """Quantize-dequantize ``weight`` and report which elements were not clamped.
+
+    Bit-identical to ``dequantize(quantize(weight, ...), ...)``, with fewer temporaries.
+
+    Args:
+        weight: ``[N, K]`` float tensor.
+        scales: ``[N, G]`` scales.
+        zeros: ``uint8 [N, G]`` or ``None``.
+        bits: 4 or 8.
+        group_size: columns per group, or -1.
+
+    Returns:
+        ``(w_hat, inside)``: float32 ``[N, K]`` and bool ``[N, K]`` (True where the rounded
+        value was inside the code range, i.e. where the straight-through gradient flows).
+    """
+    lo, hi = signed_bounds(bits, zeros)
+    n, k = weight.shape
+    s = scales.float().unsqueeze(-1)  # (N, G, 1)
+    q = torch.div(group_view(weight.detach().float(), group_size), s).round_()  # (N, G, g)
+    inside = (q >= lo) & (q <= hi)
+    q = clamp_codes(q, lo, hi)
+    return q.mul_(s).reshape(n, k), inside.reshape(n, k)
+
+
+def quantize_weight(
+    weight: Tensor,
+    bits: int,
+    group_size: int = -1,
+    symmetric: bool = True,
+    clip_ratio: Tensor | float | None = None,
+    scales: Tensor | None = None,
+    zeros: Tensor | None = None,
+) -> QuantizedWeight:
+    """Codes and parameters of a weight: qparams (unless given) then :func:`quantize`.
+
+    Args:
+        weight: ``[N, K]`` float tensor.
+        bits: 4 or 8.
+        group_size: columns per group, or -1.
+        symmetric: see :func:`choose_qparams`.
+        clip_ratio: optional range shrink factor (ignored when ``scales`` is given).
+        scales: explicit ``[N, G]`` scales (e.g. learned); rounded to bf16 here.
+        zeros: explicit ``uint8 [N, G]`` zero points (asymmetric with explicit scales).
+
+    Returns:
+        A :class:`QuantizedWeight`.
+
+    Raises:
+        ValueError: unsupported bits, bad group size, or asymmetric scales without zeros.
+    """
+    if scales is None:
+        scales, zeros = choose_qparams(weight, bits, group_size, symmetric, clip_ratio)
+    else:
+        scales = round_scale(scales.detach().float())
+        if not symmetric and zeros is None:
+            raise ValueError("asymmetric quantization with explicit scales needs explicit zeros")
+        zeros = zeros.to(torch.uint8) if zeros is not None and not symmetric else None
+    return QuantizedWeight(quantize(weight, scales, zeros, bits, group_size), scales, zeros)
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """Pack 4-bit codes two per byte: ``uint8 [N, K]`` -> ``uint8 [N, K // 2]``.
+
+    Byte ``j`` of a row holds column ``2j`` in its low nibble and ``2j + 1`` in its high one.
+
+    Args:
+        codes: ``[N, K]`` integer tensor with values 0..15.
+
+    Returns:
+        ``uint8 [N, K // 2]``.
+
+    Raises:
+        ValueError: not 2-D or K is odd.
+    """
+    if codes.dim() != 2 or codes.shape[1] % 2 != 0:
+        raise ValueError(f"pack_int4 needs [N, K] codes with even K, got shape {tuple(codes.shape)}")
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of :func:`pack_int4`: ``uint8 [N, K // 2]`` -> ``uint8 [N, K]`` (0..15).
+
+    Args:
+        packed: ``uint8 [..., K // 2]`` (any leading shape, e.g. gathered rows).
+
+    Returns:
+        ``uint8 [..., K]``.
+    """
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+class _RoundSTE(torch.autograd.Function):
+    """Round to nearest even; identity gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        return grad
+
+
+def ste_round(x: Tensor) -> Tensor:
+    """Round with a straight-through estimator (gradient passes unchanged).
+
+    Args:
+        x: any float tensor.
+
+    Returns:
+        ``torch.round(x)`` whose backward is the identity.
+    """
+    out: Tensor = _RoundSTE.apply(x)
+    return out
+
+
+def choose_qparams_per_token(x: Tensor) -> Tensor:
+    """Symmetric int8 scale per row of activations: ``bf16(amax / 127.5)``.
+
+    Args:
+        x: ``[..., K]`` activations.
+
+    Returns:
+        bfloat16 ``[..., 1]``.
+    """
+    lo, hi = torch.aminmax(x.detach(), dim=-1, keepdim=True)
+    amax = torch.maximum(-lo, hi).float()
+    return round_scale(amax / 127.5)
+
+
+def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Dynamic int8 quantization of activations, one symmetric scale per row.
+
+    Args:
+        x: ``[..., K]`` float activations.
+
+    Returns:
+        ``(codes, scales)``: int8 ``[..., K]`` and bfloat16 ``[..., 1]``.
+    """
+    scales = choose_qparams_per_token(x)
+    q = torch.div(x.detach().float(), scales.float()).round_().clamp_(-128, 127)
+    return q.to(torch.int8), scales
+
+
+def fake_quantize_per_token(x: Tensor) -> Tensor:
+    """Quantize-dequantize activations per row (int8 dynamic), in x's dtype (float32 math).
+
+    Equal to ``codes.float() * scales.float()`` of :func:`quantize_per_token`.
+
+    Args:
+        x: ``[..., K]`` float activations.
+
+    Returns:
+        Tensor like ``x``.
+    """
+    s = choose_qparams_per_token(x).float()  # (..., 1)
+    q = torch.div(x.detach().float(), s).round_().clamp_(-128, 127).mul_(s)
+    return q if q.dtype == x.dtype else q.to(x.dtype)

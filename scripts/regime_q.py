@@ -1,0 +1,117 @@
+"""Regime Q of BENCHMARKS.md: quantization quality on a small, heavily trained model.
+
+Runs everything through the `qtrain` CLI (so the numbers are what users get):
+
+1. full precision: `model=tiny`, tinyshakespeare, 3000 steps, batch 32, lr 3e-3, warmup 50
+2. PTQ of that checkpoint: int8, int4 (group 32 sym/asym, per channel) with rtn/mse/gptq,
+   int8da_int4w
+3. continuation, 600 steps at lr 5e-4 from the same checkpoint: a full-precision control
+   (then PTQ) and QAT arms (default settings, plus any `--qat-extra` variants)
+4. recovery = (ppl_PTQ_control - ppl_QAT) / (ppl_PTQ_control - ppl_fp_control)
+
+    python scripts/regime_q.py --out bench_out/regime_q          # ~20 minutes on 2 cores
+    python scripts/regime_q.py --out bench_out/regime_q --skip-fp --only qat \\
+        --qat-extra "best=qat.learn_scales=true qat.init=mse"
+
+Prints a table and writes `summary.json` in --out. Re-running reuses finished runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+DATA = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt")
+COMMON = ["model=tiny", "data=text", f"data.path={DATA}", "data.val_windows=-1", "train.batch_size=32"]
+FP = ["mode=train", "train.max_steps=3000", "train.lr=3e-3", "train.warmup_steps=50", "train.eval_every=1000",
+      "train.save_every=1000"]
+CONT = ["train.max_steps=600", "train.lr=5e-4", "train.warmup_steps=0", "train.eval_every=0", "train.save_every=0"]
+PTQ_ARMS = {
+    "int8": ["quant=int8"],
+    "int4_g32_rtn": ["quant=int4", "ptq.method=rtn"],
+    "int4_g32_mse": ["quant=int4", "ptq.method=mse"],
+    "int4_g32_gptq": ["quant=int4", "ptq.method=gptq"],
+    "int4_g32_asym_rtn": ["quant=int4", "quant.symmetric=false"],
+    "int4_perchannel_rtn": ["quant=int4", "quant.group_size=-1", "ptq.method=rtn"],
+    "int4_perchannel_mse": ["quant=int4", "quant.group_size=-1", "ptq.method=mse"],
+    "int4_perchannel_gptq": ["quant=int4", "quant.group_size=-1", "ptq.method=gptq"],
+    "int8da_int4w_rtn": ["quant=int8da_int4w"],
+    "int4_g32_head_rtn": ["quant=int4", "quant.lm_head=true"],
+}
+console = Console()
+
+
+def qtrain(run_dir: Path, args: list[str]) -> dict:
+    """Run one qtrain job (skipped when its report exists) and return its report."""
+    report = run_dir / "report.json"
+    if not report.exists():
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "qtrain", *COMMON, *args, f"hydra.run.dir={run_dir}"]
+        console.print(f"[dim]$ qtrain {' '.join(a for a in cmd[3:])}[/dim]")
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            console.print(res.stderr[-3000:])
+            raise SystemExit(f"failed: {run_dir}")
+        console.print(f"  done in {time.perf_counter() - t0:.0f}s")
+    return json.loads(report.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench_out/regime_q")
+    ap.add_argument("--fp", default="", help="existing full-precision run dir (skips step 1)")
+    ap.add_argument("--only", choices=["all", "ptq", "qat"], default="all")
+    ap.add_argument("--qat-extra", action="append", default=[],
+                    help="NAME=OVERRIDES: an extra QAT arm, e.g. 'lsq=qat.learn_scales=true'")
+    args = ap.parse_args()
+    out = Path(args.out)
+    fp_dir = Path(args.fp) if args.fp else out / "fp"
+    fp = qtrain(fp_dir, FP)
+    rows: list[tuple[str, float, str]] = [("full precision, 3000 steps", fp["val_ppl"], "")]
+    summary: dict = {"fp": fp["val_ppl"], "fp_elapsed_s": fp["elapsed_s"], "ptq": {}, "qat": {}}
+    if args.only in ("all", "ptq"):
+        for name, extra in PTQ_ARMS.items():
+            r = qtrain(out / f"ptq_{name}", ["mode=ptq", f"init_from={fp_dir}", *extra])
+            summary["ptq"][name] = {"ppl": r["val_ppl"], "bits_per_weight": r.get("bits_per_weight")}
+            rows.append((f"PTQ {name}", r["val_ppl"], f"{(r['val_ppl'] / fp['val_ppl'] - 1) * 100:+.2f}%"))
+        rtn = summary["ptq"]
+        for fam in ("int4_g32", "int4_perchannel"):
+            gap = rtn[f"{fam}_rtn"]["ppl"] - fp["val_ppl"]
+            for m in ("mse", "gptq"):
+                closed = (rtn[f"{fam}_rtn"]["ppl"] - rtn[f"{fam}_{m}"]["ppl"]) / gap if gap > 0 else float("nan")
+                summary["ptq"][f"{fam}_{m}"]["gap_closed"] = closed
+                rows.append((f"  {fam} {m}: share of rtn's gap closed", closed * 100, "%"))
+    if args.only in ("all", "qat"):
+        ctl = qtrain(out / "control_fp", ["mode=train", f"init_from={fp_dir}", *CONT])
+        rows.append(("control, full precision (+600)", ctl["val_ppl"], ""))
+        arms = {"int4": ["quant=int4"], "int8da_int4w": ["quant=int8da_int4w"]}
+        for scheme, q in arms.items():
+            ptq = qtrain(out / f"control_ptq_{scheme}", ["mode=ptq", f"init_from={out / 'control_fp'}", *q])
+            variants = {"default": []} | {v.split("=", 1)[0]: v.split("=", 1)[1].split() for v in args.qat_extra}
+            rows.append((f"control PTQ {scheme}", ptq["val_ppl"], ""))
+            for vname, vargs in variants.items():
+                qat = qtrain(out / f"qat_{scheme}_{vname}", ["mode=qat", f"init_from={fp_dir}", *CONT, *q, *vargs])
+                rec = (ptq["val_ppl"] - qat["val_ppl"]) / (ptq["val_ppl"] - ctl["val_ppl"])
+                summary["qat"][f"{scheme}_{vname}"] = {"ppl": qat["val_ppl"], "recovery": rec,
+                                                       "fake_quant_ppl": qat.get("fake_quant_val_ppl"),
+                                                       "overrides": vargs}
+                rows.append((f"QAT {scheme} [{vname}] {' '.join(vargs)}", qat["val_ppl"], f"recovery {rec * 100:.1f}%"))
+        summary["control_fp"] = ctl["val_ppl"]
+    table = Table(title="Regime Q (tiny, tinyshakespeare, byte tokens)")
+    for col in ("run", "val ppl / value", "note"):
+        table.add_column(col)
+    for name, val, note in rows:
+        table.add_row(name, f"{val:.4f}", note)
+    console.print(table)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""`qtrain` with test-only fault hooks, run as a child process by the reliability tests.
+
+Hooks, chosen by environment variables (nothing here is imported by qtrain itself):
+- QTRAIN_TEST_PAUSE_AT_STEP=k, QTRAIN_TEST_READY_FILE=path: after optimizer step k completes
+  (metrics logged), create the ready file and wait until a SIGTERM sets the stop flag; the
+  test sends the real signal. A 120 s deadline guards against a lost signal.
+- QTRAIN_TEST_KILL_BEFORE_MANIFEST=k: while saving step k, after the weights files are written
+  and before manifest.json is, record the published checkpoints' hashes in
+  QTRAIN_TEST_HASHES_FILE (if set) and SIGKILL this process.
+- QTRAIN_TEST_THREADS=n: torch threads, so the child computes exactly like the parent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+
+def _install_pause(step: int, ready: Path) -> None:
+    from qtrain.train import Trainer
+
+    original = Trainer._after_step
+
+    def after_step(self: Trainer, loss: float, grad_norm: float, dt: float) -> None:
+        original(self, loss, grad_norm, dt)
+        if self.step == step:
+            ready.write_text(str(os.getpid()))
+            deadline = time.monotonic() + 120
+            while not self.hooks.stop.is_set() and time.monotonic() < deadline:
+                time.sleep(0.01)  # the SIGTERM handler runs between these sleeps
+
+    Trainer._after_step = after_step  # type: ignore[method-assign]
+
+
+def _install_kill(step: int, hashes_file: str | None) -> None:
+    from qtrain import checkpoint as ck
+
+    original = ck._write_json
+    target = ck.step_dir_name(step)
+
+    def write_json(path: Path, data: object) -> None:
+        if path.name == ck.MANIFEST and target in path.parent.name:
+            if hashes_file:
+                root = path.parent.parent
+                hashes = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                          for p in sorted(root.rglob("*")) if p.is_file() and not p.relative_to(root).parts[0]
+                          .startswith(ck.TMP_PREFIX)}
+                Path(hashes_file).write_text(json.dumps(hashes))
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(path, data)
+
+    ck._write_json = write_json  # type: ignore[assignment]
+
+
+def main() -> None:
+    import torch
+
+    if os.environ.get("QTRAIN_TEST_THREADS"):
+        torch.set_num_threads(int(os.environ["QTRAIN_TEST_THREADS"]))
+    if os.environ.get("QTRAIN_TEST_PAUSE_AT_STEP"):
+        _install_pause(int(os.environ["QTRAIN_TEST_PAUSE_AT_STEP"]), Path(os.environ["QTRAIN_TEST_READY_FILE"]))
+    if os.environ.get("QTRAIN_TEST_KILL_BEFORE_MANIFEST"):
+        _install_kill(int(os.environ["QTRAIN_TEST_KILL_BEFORE_MANIFEST"]), os.environ.get("QTRAIN_TEST_HASHES_FILE"))
+    from qtrain.cli import main as qtrain_main
+
+    qtrain_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
