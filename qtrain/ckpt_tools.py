@@ -14,10 +14,11 @@ Example:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from rich.table import Table
@@ -67,10 +68,15 @@ def verify_full(path: Path) -> Verified:
     try:
         model = model_from_checkpoint(ckpt, torch.device("cpu"))
     except (RuntimeError, ValueError, TypeError, KeyError) as err:
-        raise CheckpointError(f"{path}: the weights do not load strictly into the model the manifest "
-                              f"describes: {str(err).strip()[:2000]}") from None
-    return Verified(path=path, manifest=ckpt.manifest, n_params=n_params_of(model),
-                    n_tensors=len(ckpt.model_state) + len(ckpt.trainer_tensors))
+        raise CheckpointError(
+            f"{path}: the weights do not load strictly into the model the manifest describes: {str(err).strip()[:2000]}"
+        ) from None
+    return Verified(
+        path=path,
+        manifest=ckpt.manifest,
+        n_params=n_params_of(model),
+        n_tensors=len(ckpt.model_state) + len(ckpt.trainer_tensors),
+    )
 
 
 # ---------------------------------------------------------------- printing
@@ -94,45 +100,25 @@ def total_bytes(v: Verified) -> int:
     return sum(int(i["bytes"]) for i in v.manifest["files"].values()) + (v.path / ck.MANIFEST).stat().st_size
 
 
-def layer_schemes(quant: Any) -> dict[str, dict[str, Any]]:
-    """Per-layer quantization entries of a manifest's `quant` (empty for full precision)."""
-    if not isinstance(quant, dict):
-        return {}
-    layers = quant.get("layers", quant)
-    if isinstance(layers, dict) and layers and all(isinstance(v, dict) for v in layers.values()):
-        return layers
-    return {}
-
-
-def scheme_summary(quant: Any) -> str:
-    """One line for the manifest's `quant`: `none (full precision)` or the schemes in use."""
-    if quant is None:
-        return "none (full precision)"
-    layers = layer_schemes(quant)
-    if not layers:
-        return str(quant)
-    kinds: dict[str, int] = {}
-    for spec in layers.values():
-        desc = str(spec.get("scheme", "?"))
-        if spec.get("group_size") not in (None, -1) and "4" in desc:
-            desc += f" g{spec['group_size']}"
-        kinds[desc] = kinds.get(desc, 0) + 1
-    return ", ".join(f"{k} x{n}" for k, n in kinds.items()) + f" ({len(layers)} layers)"
-
-
 def _layers_table(quant: Any) -> Table | None:
-    layers = layer_schemes(quant)
+    layers = ck.quant_layers(quant)
     if not layers:
         return None
-    cols = ["scheme", "bits", "group_size", "symmetric", "activations", "kind", "in_features", "out_features",
-            "tied_to"]
-    present = [c for c in cols if any(c in s for s in layers.values())]
-    table = Table(title="quantization per layer", header_style="bold")
-    table.add_column("layer")
-    for c in present:
-        table.add_column(c)
-    for name, spec in layers.items():
-        table.add_row(name, *(str(spec.get(c, "")) for c in present))
+    state = quant.get("state") if isinstance(quant, dict) else None
+    table = Table(title=f"quantization per layer ({state or 'stored'})", header_style="bold")
+    for col in ("layer", "scheme", "bits", "group", "sym", "act", "in->out", "tied_to"):
+        table.add_column(col, no_wrap=col == "layer")
+    for name, s in layers.items():
+        table.add_row(
+            name,
+            str(s.get("scheme")),
+            str(s.get("bits", "")),
+            str(s.get("group_size", "")),
+            "yes" if s.get("symmetric", True) else "no",
+            str(s.get("activations", "none")),
+            f"{s.get('in_features', '?')}->{s.get('out_features', '?')}",
+            str(s.get("tied_to") or ""),
+        )
     return table
 
 
@@ -158,7 +144,7 @@ def _report(ctx: RunContext, v: Verified, **extra: Any) -> dict[str, Any]:
     created = m.get("created_unix")
     return {
         "mode": ctx.cfg.mode.name,
-        "quant": m.get("quant"),
+        "quant": m["quant"].get("config", m["quant"]) if isinstance(m.get("quant"), dict) else m.get("quant"),
         "model": m["model"].get("name"),
         "n_params": v.n_params,
         "step": m["step"],
@@ -172,10 +158,15 @@ def _report(ctx: RunContext, v: Verified, **extra: Any) -> dict[str, Any]:
         "qtrain_version": m.get("qtrain_version"),
         "torch_version": m.get("torch_version"),
         "created": datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="seconds")
-        if isinstance(created, (int, float)) else None,
-        "scheme": scheme_summary(m.get("quant")),
-        "model_shape": ", ".join(f"{k}={m['model'][k]}" for k in ("n_layer", "n_embd", "n_head", "block_size",
-                                                                 "mlp_hidden") if k in m["model"]),
+        if isinstance(created, (int, float))
+        else None,
+        "scheme": ck.describe_scheme(ck.quant_layers(m.get("quant"))),
+        "quant_state": m["quant"].get("state") if isinstance(m.get("quant"), dict) else None,
+        "model_shape": ", ".join(
+            f"{k}={m['model'][k]}"
+            for k in ("n_layer", "n_embd", "n_head", "block_size", "mlp_hidden")
+            if k in m["model"]
+        ),
         "tensors": v.n_tensors,
         "elapsed_s": round(time.perf_counter() - ctx.t0, 3),
     }
@@ -204,8 +195,9 @@ def run_verify(ctx: RunContext) -> dict[str, Any]:
             bad.append((d, str(err)))
             statuses.append((d, str(err)))
     temps = ck.temp_entries(dirs[0].parent) if len(dirs) > 1 or dirs[0] != target else []
-    statuses += [(t, "temporary leftover of an interrupted save (ignored by resume, removed by the next save)")
-                 for t in temps]
+    statuses += [
+        (t, "temporary leftover of an interrupted save (ignored by resume, removed by the next save)") for t in temps
+    ]
     if good:
         newest = good[-1]
         _show(_layers_table(newest.manifest.get("quant")), _files_table(newest))
@@ -235,8 +227,10 @@ def run_upgrade(ctx: RunContext) -> dict[str, Any]:
     v = verify_full(out)
     _show(_layers_table(v.manifest.get("quant")), _files_table(v))
     if rank() == 0:
-        console.print(f"upgraded {src} (format_version {before}) -> {out} (format_version {ck.FORMAT_VERSION}); "
-                      f"the original is unchanged")
+        console.print(
+            f"upgraded {src} (format_version {before}) -> {out} (format_version {ck.FORMAT_VERSION}); "
+            f"the original is unchanged"
+        )
     return _report(ctx, v, source=str(src), source_format_version=before, ok=True)
 
 

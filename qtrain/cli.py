@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from qtrain import distributed
 from qtrain.config import RunConfig, register_configs, validate
 from qtrain.console import err_console, rank
 from qtrain.errors import (
@@ -52,8 +53,10 @@ NO_PRECHECK_FLAGS = {
     "--package",
 }
 STATUS_FILE = "status.json"
+DISTRIBUTED_MODES = ("train", "qat", "finetune")
 _failures: list[dict[str, Any]] = []
 _started: list[bool] = []
+_jobs: list[dict[str, Any]] = []
 
 
 def conf_dir() -> Path:
@@ -186,9 +189,11 @@ def execute(cfg: RunConfig, run_dir: Path) -> int:
         err_console.print("[bold red]error:[/bold red] invalid configuration:\n  - " + "\n  - ".join(problems))
         _cleanup_empty_run_dir(run_dir)
         return EXIT_CONFIG
-    device = torch.device(
-        "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
+    distributed.init(cfg.device)  # no-op unless torchrun/SLURM started several processes
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if use_cuda else "cpu")
+    if distributed.is_distributed() and cfg.mode.name not in DISTRIBUTED_MODES and rank() != 0:
+        return EXIT_OK  # ptq / eval / generate / tools run on rank 0 alone
     torch.manual_seed(cfg.seed)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device)
     previous = signal.signal(signal.SIGTERM, lambda *_: ctx.stop.set())
@@ -248,6 +253,7 @@ def _task(dcfg: DictConfig) -> None:
         code = EXIT_BUG
     if hc.mode == RunMode.MULTIRUN:
         _write_status(run_dir, code, overrides)
+        _jobs.append({"dir": str(run_dir), "exit_code": code, "ok": code == EXIT_OK, "overrides": overrides})
         if code != EXIT_OK:
             _failures.append({"dir": str(run_dir), "exit_code": code, "overrides": overrides})
         return
@@ -264,9 +270,14 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     _started.clear()  # fresh per call: tests and notebooks call main() repeatedly in one process
     _failures.clear()
+    _jobs.clear()
     register_configs()
     if not NO_PRECHECK_FLAGS.intersection(argv):
         precheck(argv)
+    if distributed.env_world_size() > 1:
+        device = next((a.split("=", 1)[1] for a in argv if a.startswith("device=")), "auto")
+        distributed.init(device)
+        argv = distributed.shared_run_dir(argv)
     sys.argv = [sys.argv[0] if sys.argv else "qtrain", *argv]
     wrapped = hydra.main(version_base=None, config_path="pkg://" + CONF_MODULE, config_name="config")(_task)
     try:
@@ -275,6 +286,12 @@ def main(argv: list[str] | None = None) -> None:
         if exit_.code == 1 and not _started:  # Hydra's own composition errors exit 1
             sys.exit(EXIT_CONFIG)
         raise
+    finally:
+        distributed.finish()
+    if _jobs and rank() == 0:
+        sweep_dir = Path(_jobs[0]["dir"]).parent
+        summary = {"jobs": _jobs, "failed": len(_failures), "succeeded": len(_jobs) - len(_failures)}
+        (sweep_dir / "sweep_status.json").write_text(json.dumps(summary, indent=2) + "\n")
     if _failures:
         err_console.print(f"[bold red]{len(_failures)} job(s) failed:[/bold red]")
         for f in _failures:

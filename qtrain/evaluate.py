@@ -145,44 +145,111 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """Dtype of the model's floating-point parameters (packed models: float32 norms)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+class GreedyDecoder:
+    """Batch-1 greedy decoding with the KV cache, one token per :meth:`step`.
+
+    The one decode loop :func:`decode_speed` times (and ``scripts/bench_decode.py`` runs
+    side by side for several models). Call it under ``torch.inference_mode()``.
+
+    Args:
+        model: the GPT (full precision, bf16 or packed).
+        prompt: ``(1, T)`` token ids; prefilled into a fresh cache by :meth:`reset`.
+
+    Example:
+        >>> with torch.inference_mode():
+        ...     dec = GreedyDecoder(model, torch.zeros(1, 16, dtype=torch.long))
+        ...     tokens = [dec.step() for _ in range(32)]
+    """
+
+    def __init__(self, model: GPT, prompt: torch.Tensor) -> None:
+        self.model = model.eval()
+        self.device = _model_device(model)
+        self.prompt = prompt.to(self.device)
+        self.cache = KVCache.empty(model.cfg, prompt.shape[0], self.device, _float_dtype(model))
+        self.reset()
+
+    def reset(self) -> None:
+        """Start again from the prompt (the cache is reused, not reallocated)."""
+        self.pos = self.prompt.shape[1]
+        self.logits = self.model(self.prompt, self.cache, 0)[:, -1]
+
+    @property
+    def room(self) -> int:
+        """Tokens that still fit in the context."""
+        return self.model.cfg.block_size - self.pos
+
+    def step(self) -> torch.Tensor:
+        """Append the argmax token; returns it, ``(1, 1)``.
+
+        Raises:
+            ValueError: the context is full.
+        """
+        nxt = self.logits.argmax(-1, keepdim=True)
+        self.logits = self.model(nxt, self.cache, self.pos)[:, -1]
+        self.pos += 1
+        return nxt
+
+
 def decode_speed(model: GPT, n_tokens: int = 64, repeats: int = 3, prompt_len: int = 16) -> dict[str, Any]:
-    """Batch-1 greedy decode tokens/s with the KV cache: warm-up excluded, median of repeats."""
-    model.eval()
-    device = _model_device(model)
+    """Batch-1 greedy decode tokens/s with the KV cache: warm-up excluded, median of repeats.
+
+    Works the same for full-precision, bf16 and packed models (packed linears run their
+    fast kernels at one row per step).
+
+    Args:
+        model: the GPT.
+        n_tokens: tokens generated per repeat (capped so prompt + tokens fit the context).
+        repeats: timed repeats after one warm-up pass.
+        prompt_len: length of the random prompt prefilled (untimed) before each repeat.
+
+    Returns:
+        ``{"decode_tokens_per_s": median rate, "decode_tokens": tokens per repeat}``.
+    """
     cfg = model.cfg
+    prompt_len = max(1, min(prompt_len, cfg.block_size - 1))
     n_tokens = max(1, min(n_tokens, cfg.block_size - prompt_len))
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    cache = KVCache.empty(cfg, 1, device, dtype)
     rates = []
-    for r in range(repeats + 1):
-        logits = model(prompt.to(device), cache, 0)[:, -1]
-        _sync(device)
-        t0 = time.perf_counter()
-        for i in range(n_tokens):
-            nxt = logits.argmax(-1, keepdim=True)
-            logits = model(nxt, cache, prompt_len + i)[:, -1]
-        _sync(device)
-        if r > 0:  # the first pass is warm-up
-            rates.append(n_tokens / (time.perf_counter() - t0))
+    with torch.inference_mode():
+        dec = GreedyDecoder(model, prompt)
+        for r in range(repeats + 1):
+            dec.reset()
+            _sync(dec.device)
+            t0 = time.perf_counter()
+            for _ in range(n_tokens):
+                dec.step()
+            _sync(dec.device)
+            if r > 0:  # the first pass is warm-up
+                rates.append(n_tokens / (time.perf_counter() - t0))
     return {"decode_tokens_per_s": statistics.median(rates), "decode_tokens": n_tokens}
 
 
-@torch.no_grad()
 def prefill_speed(model: GPT, n_tokens: int = 512, repeats: int = 3) -> dict[str, Any]:
-    """Prompt-processing tokens/s for one prompt of `n_tokens` (capped at the context)."""
+    """Prompt-processing tokens/s for one prompt of `n_tokens` (capped at the context).
+
+    One batch-1 forward over the whole prompt (no cache), warm-up excluded, median of
+    repeats. Packed models take their many-row path here (see ``qtrain.quant.packed``).
+
+    Returns:
+        ``{"prefill_tokens_per_s": rate, "prefill_tokens": prompt length}``.
+    """
     model.eval()
     device = _model_device(model)
-    n_tokens = min(n_tokens, model.cfg.block_size)
+    n_tokens = max(1, min(n_tokens, model.cfg.block_size))
     x = torch.randint(0, model.cfg.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(1))
     x = x.to(device)
     times = []
-    for r in range(repeats + 1):
-        _sync(device)
-        t0 = time.perf_counter()
-        model(x)
-        _sync(device)
-        if r > 0:
-            times.append(time.perf_counter() - t0)
+    with torch.inference_mode():
+        for r in range(repeats + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            model(x)
+            _sync(device)
+            if r > 0:
+                times.append(time.perf_counter() - t0)
     return {"prefill_tokens_per_s": n_tokens / statistics.median(times), "prefill_tokens": n_tokens}

@@ -132,6 +132,20 @@ class GPT(nn.Module):
             "rope", rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta), persistent=False
         )
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Move/cast like nn.Module, but the complex rope table only changes device.
+
+        ``model.to(torch.bfloat16)`` would otherwise cast the complex64 table to a real dtype
+        and silently drop the sine half of every rotation.
+        """
+        rope = self._buffers.pop("rope")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = fn(torch.empty(0, device=rope.device)).device
+            self._buffers["rope"] = rope.to(device)
+        return self
+
     def init_weights(self, seed: int) -> None:
         """Deterministic init: N(0, 0.02), residual outputs scaled by 1/sqrt(2 * n_layer)."""
         gen = torch.Generator().manual_seed(seed)

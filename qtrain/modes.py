@@ -25,6 +25,7 @@ def run(ctx: RunContext) -> dict[str, Any]:
     fn = MODES.get(ctx.cfg.mode.name)
     if fn is None:
         raise ConfigError(f"mode: '{ctx.cfg.mode.name}' is not available; choose one of {sorted(MODES)}")
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
     report = fn(ctx)
     write_report(ctx.run_dir, report)
     return report

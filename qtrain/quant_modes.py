@@ -26,7 +26,7 @@ from qtrain.evaluate import perplexity
 from qtrain.model import GPT
 from qtrain.quant import api
 from qtrain.quant.hooks import HookSet, build_hooks
-from qtrain.quant.ptq import init_scales, quantize_ptq
+from qtrain.quant.ptq import quantize_ptq
 from qtrain.runner import (
     RunContext,
     base_report,
@@ -194,12 +194,18 @@ def qat_param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
 
 def _prepare_qat(ctx: RunContext, model: GPT, corpus: Corpus, hooks: HookSet) -> GPT:
     cfg = ctx.cfg
-    init = None
-    if cfg.qat.init != "rtn":
-        calib = _calibration(ctx, corpus, model.cfg.block_size, cfg.ptq.calib_batches)
-        init = init_scales(model, cfg.quant, cfg.qat.init, calib, cfg.ptq.damp, cfg.ptq.mse_grid)
     try:
-        api.prepare(model, cfg.quant, learn_scales=cfg.qat.learn_scales, init=init)
+        if cfg.qat.init == "rtn":
+            api.prepare(model, cfg.quant, learn_scales=cfg.qat.learn_scales)
+        else:
+            # Start from the PTQ result itself: latent weights = its dequantized codes, scales
+            # = its scales (learnable with qat.learn_scales, else fixed), so step 0 of QAT
+            # computes exactly what `mode=ptq ptq.method=<init>` would have shipped.
+            calib = _calibration(ctx, corpus, model.cfg.block_size, cfg.ptq.calib_batches)
+            model.eval()
+            quantize_ptq(model, cfg.quant, cfg.qat.init, calib, cfg.ptq.damp, cfg.ptq.mse_grid)
+            api.to_fake(model, learn_scales=cfg.qat.learn_scales)
+            model.train()
     except ValueError as err:
         raise ConfigError(str(err)) from None
     hooks.after_prepare(model)
@@ -284,6 +290,11 @@ def finished_result(ctx: RunContext) -> dict[str, Any] | None:
     quant = manifest.get("quant") or {}
     if quant.get("state") != "packed" or manifest["step"] < ctx.cfg.train.max_steps:
         return None
+    requested = vars(ctx.cfg.quant)
+    mismatch = ck.config_scheme_mismatch(quant, requested)
+    if mismatch and (ctx.cfg.mode.name == "qat" or requested["scheme"] != "none"):  # never another scheme's result
+        raise ConfigError(f"resume: {found} {mismatch}. Re-run with the checkpoint's quant settings, "
+                          f"or start a new run dir (hydra.run.dir=...)")
     info(f"resume: {found} is this run's converted final checkpoint; re-evaluating it")
     ckpt = ck.load_checkpoint(found, with_trainer=False)
     model = model_from_checkpoint(ckpt, ctx.device, ctx.cfg.quant.kernel)

@@ -71,7 +71,11 @@ def model_from_checkpoint(ckpt: ck.Checkpoint, device: torch.device, kernel: str
     model = GPT(ModelConfig(**ckpt.manifest["model"]))
     quant = ckpt.manifest.get("quant")
     if quant and quant.get("state") == "fake":
-        api.prepare(model, QuantConfig(**quant["config"]), learn_scales=bool(quant.get("learn_scales")))
+        qcfg = QuantConfig(**quant["config"])
+        for name in api.target_layers(model, qcfg):
+            if name not in quant["layers"]:  # kept in full precision by a hook
+                api.keep_full_precision(model.get_submodule(name))
+        api.prepare(model, qcfg, learn_scales=bool(quant.get("learn_scales")))
     elif quant:
         api.build_packed_skeleton(model, quant["layers"], kernel)
     try:
@@ -151,7 +155,17 @@ def try_resume(ctx: RunContext, model: nn.Module, trainer: Trainer) -> bool:
         info(f"resume=auto: no valid checkpoint in {ctx.ckpt_root}; starting fresh")
         return False
     ckpt = ck.load_checkpoint(found)
-    model.load_state_dict(ckpt.model_state, strict=True)
+    mismatch = ck.scheme_mismatch(ckpt.manifest.get("quant"), api.layer_specs(model))
+    if mismatch:  # never a silent load of another scheme's codes and scales (shapes can coincide)
+        raise ConfigError(f"resume: {found} {mismatch}. Re-run with the checkpoint's quant settings, "
+                          f"or start a new run dir (hydra.run.dir=...)")
+    if "trainer" not in ckpt.trainer_meta:
+        raise CheckpointError(f"resume: {found} holds no trainer state (a final converted checkpoint?); "
+                              f"use it with init_from= in a new run dir instead")
+    try:
+        model.load_state_dict(ckpt.model_state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"resume: {found} does not load into this run's model: {err}") from None
     trainer.load_state_dict(ckpt.trainer_meta["trainer"])
     info(f"resume: continuing from {found} (step {trainer.step})")
     return True

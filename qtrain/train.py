@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain import distributed
 from qtrain.config import TrainConfig
 from qtrain.console import console, rank
 from qtrain.data import BatchSampler
@@ -127,7 +128,9 @@ class Trainer:
         self.run_model: nn.Module = model
         if self.world > 1:
             ids = [device.index] if device.type == "cuda" else None
-            self.run_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            # learnable scales get no gradient before qat.start_step or once frozen
+            unused = any(n.endswith(".scales") for n, _ in model.named_parameters())
+            self.run_model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused)
         if compile_model:
             self.run_model = torch.compile(self.run_model)  # type: ignore[assignment]
         self.params = [p for g in groups for p in g["params"]]
@@ -214,10 +217,33 @@ class Trainer:
         return val
 
     def save(self) -> Any:
-        """Publish a checkpoint of the current state through `save_fn`."""
+        """Publish a checkpoint through `save_fn` (rank 0 writes, after a barrier).
+
+        Under DDP every rank calls this; if any rank fails to collect its state, nothing is
+        written; if rank 0 fails to write, every rank raises.
+        """
         if self.hooks.save_fn is None:
             return None
-        return self.hooks.save_fn(self.step, self.state_dict())
+        distributed.barrier()
+        state, result, error = None, None, None
+        try:
+            state = self.state_dict()
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = err
+        if distributed.any_rank(error is not None):  # every rank agrees before rank 0 writes anything
+            if error is not None:
+                raise error
+            raise RuntimeError(f"checkpoint at step {self.step} failed on another rank; nothing published, stopping")
+        assert state is not None
+        try:
+            result = self.hooks.save_fn(self.step, state)
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = err
+        if distributed.any_rank(error is not None):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"checkpoint at step {self.step} failed on another rank; stopping")
+        return result
 
     def _after_step(self, loss: float, grad_norm: float, dt: float) -> None:
         cfg = self.cfg
@@ -257,7 +283,7 @@ class Trainer:
             self._after_step(loss, grad_norm, time.perf_counter() - t0)
             if progress is not None:
                 progress(self.step, loss)
-            if self.hooks.stop.is_set():
+            if distributed.any_rank(self.hooks.stop.is_set()):
                 self.save()
                 raise Preempted(f"SIGTERM at step {self.step}: checkpoint saved, exiting")
         elapsed = time.perf_counter() - t_start

@@ -9,8 +9,9 @@ Not a test. For each (K, N) and batch size, times side by side, interleaved rep 
 - ``int8`` / ``int4``: qtrain's ``Int8Linear`` / ``Int4Linear`` (group 32), ``kernel="auto"``,
   fed float32 activations (cast to bf16 and back inside, as a model would use them)
 
-Reports medians, ratios to fp32, memory copy bandwidth (large ``clone``: read + write bytes /
-time) and each kernel's effective weight bandwidth (stored weight bytes / time).
+Reports medians (and minima, robust on a shared machine), ratios to fp32, memory copy
+bandwidth (large tensor copy: read + write bytes / time) and each kernel's effective weight
+bandwidth (stored weight bytes / time).
 
 Usage:
     python scripts/bench_kernels.py --out bench.json
@@ -34,18 +35,23 @@ from rich.table import Table
 from qtrain.quant import primitives as P
 from qtrain.quant.packed import Int4Linear, Int8Linear
 
-console = Console()
+console = Console(width=120)
 DEFAULT_SHAPES = ["1024x1024", "4096x4096", "4096x11008"]
 
 
 def copy_bandwidth(mbytes: int = 256, reps: int = 9) -> float:
-    """GB/s of a large ``clone`` (bytes read + bytes written over the median time)."""
+    """GB/s of a large tensor copy (bytes read + bytes written over the median time).
+
+    Copies into a preallocated, already touched destination: a fresh ``clone`` would mostly
+    time page faults of the new allocation.
+    """
     x = torch.ones(mbytes * 2**20 // 4)
-    x.clone()
+    y = torch.empty_like(x)
+    y.copy_(x)
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        x.clone()
+        y.copy_(x)
         times.append(time.perf_counter() - t)
     return 2 * x.numel() * 4 / statistics.median(times) / 1e9
 
@@ -82,8 +88,8 @@ def candidates(k: int, n: int, m: int) -> tuple[dict[str, Callable[[], Any]], di
     return fns, nbytes
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 5) -> dict[str, float]:
-    """Median seconds per call, all candidates run round-robin each rep (rotating order)."""
+def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 5) -> dict[str, list[float]]:
+    """Seconds per call of every rep, all candidates run round-robin each rep (rotating order)."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -94,7 +100,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int =
             t = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 def run(shapes: list[tuple[int, int]], batches: list[int], reps: int) -> dict[str, Any]:
@@ -109,7 +115,9 @@ def run(shapes: list[tuple[int, int]], batches: list[int], reps: int) -> dict[st
     for k, n in shapes:
         for m in batches:
             fns, nbytes = candidates(k, n, m)
-            med = time_interleaved(fns, reps)
+            times = time_interleaved(fns, reps)
+            med = {name: statistics.median(ts) for name, ts in times.items()}
+            best = {name: min(ts) for name, ts in times.items()}
             for name, t in med.items():
                 result["rows"].append(
                     {
@@ -118,7 +126,9 @@ def run(shapes: list[tuple[int, int]], batches: list[int], reps: int) -> dict[st
                         "batch": m,
                         "kernel": name,
                         "ms": t * 1e3,
+                        "min_ms": best[name] * 1e3,
                         "speedup_vs_fp32": med["fp32"] / t,
+                        "speedup_vs_fp32_min": best["fp32"] / best[name],
                         "weight_gbs": nbytes[name] / t / 1e9,
                     }
                 )
@@ -131,7 +141,7 @@ def show(result: dict[str, Any]) -> None:
         title=f"CPU linear kernels (torch {result['torch']}, {result['threads']} threads, "
         f"{result['cpu_capability']}; copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s)"
     )
-    for col in ("K x N", "batch", "kernel", "ms", "x fp32", "weight GB/s"):
+    for col in ("K x N", "batch", "kernel", "median ms", "min ms", "x fp32", "x fp32 (min)", "weight GB/s"):
         table.add_column(col, justify="right")
     for row in result["rows"]:
         table.add_row(
@@ -139,7 +149,9 @@ def show(result: dict[str, Any]) -> None:
             str(row["batch"]),
             row["kernel"],
             f"{row['ms']:.3f}",
+            f"{row['min_ms']:.3f}",
             f"{row['speedup_vs_fp32']:.2f}",
+            f"{row['speedup_vs_fp32_min']:.2f}",
             f"{row['weight_gbs']:.1f}",
         )
     console.print(table)

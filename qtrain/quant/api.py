@@ -298,31 +298,33 @@ def prepare(
     """
     spec = spec_from_config(qcfg)
     names = check_layers(model, qcfg)
-    init = init or {}
     assert spec is not None
+    packed = [n for n in names if isinstance(model.get_submodule(n), (PackedLinear, QuantEmbedding))]
+    if packed:
+        raise ValueError(f"{packed[0]}: already converted to packed integers; use to_fake() to fine-tune it")
+    tied = is_tied(model)
     for name in names:
         mod = model.get_submodule(name)
-        if isinstance(mod, (PackedLinear, QuantEmbedding)):
-            raise ValueError(f"{name}: already converted to packed integers; use to_fake() to fine-tune it")
-        if isinstance(mod, (FakeQuantLinear, FakeQuantEmbedding)):
-            continue
-        qw = init.get(name)
-        kwargs: dict[str, Any] = {"scales": qw.scales, "zeros": qw.zeros} if qw is not None else {}
-        if name == EMBEDDING:
-            new: nn.Module
-            if is_tied(model):
-                head = model.get_submodule(HEAD)
-                assert isinstance(head, FakeQuantLinear)
-                new = FakeQuantEmbedding(head, tied_to=HEAD, name=name)
-            else:
-                assert isinstance(mod, nn.Embedding)
-                table = FakeQuantLinear.from_linear(_as_linear(mod), embedding_spec(spec), name, learn_scales, **kwargs)
-                new = FakeQuantEmbedding(table, None, name)
-        else:
-            assert isinstance(mod, nn.Linear)
-            new = FakeQuantLinear.from_linear(mod, spec, name, learn_scales, **kwargs)
-        set_module(model, name, new)
+        if not isinstance(mod, (FakeQuantLinear, FakeQuantEmbedding)):
+            set_module(model, name, _fake_module(model, name, mod, spec, tied, learn_scales, (init or {}).get(name)))
     return model
+
+
+def _fake_module(
+    model: nn.Module, name: str, mod: nn.Module, spec: LayerSpec, tied: bool, learn: bool, qw: QuantizedWeight | None
+) -> nn.Module:
+    """The fake-quant replacement of one target (the tied embedding reads the prepared head)."""
+    kwargs: dict[str, Any] = {"scales": qw.scales, "zeros": qw.zeros} if qw is not None else {}
+    if name == EMBEDDING and tied:
+        head = model.get_submodule(HEAD)
+        assert isinstance(head, FakeQuantLinear)
+        return FakeQuantEmbedding(head, tied_to=HEAD, name=name)
+    if name == EMBEDDING:
+        assert isinstance(mod, nn.Embedding)
+        table = FakeQuantLinear.from_linear(_as_linear(mod), embedding_spec(spec), name, learn, **kwargs)
+        return FakeQuantEmbedding(table, None, name)
+    assert isinstance(mod, nn.Linear)
+    return FakeQuantLinear.from_linear(mod, spec, name, learn, **kwargs)
 
 
 def _as_linear(emb: nn.Embedding) -> nn.Linear:

@@ -259,6 +259,10 @@ class FakeQuantLinear(nn.Module):
             self._flag_key = key
         return self._flag_val
 
+    def flags(self) -> tuple[bool, bool, bool]:
+        """``(weight_enabled, act_enabled, frozen)`` as Python bools (no device sync)."""
+        return self._flags()
+
     def enable(self, weight: bool | None = None, activations: bool | None = None) -> None:
         """Switch weight and/or activation fake quantization on or off.
 
@@ -376,7 +380,9 @@ class FakeQuantEmbedding(nn.Module):
 
     def get_table(self) -> FakeQuantLinear:
         """The fake-quant table (the tied head's module when tied)."""
-        t = self.__dict__.get("_tied_table") or self._modules["table"]
+        t = self.__dict__.get("_tied_table")
+        if t is None:
+            t = self._modules["table"]
         assert isinstance(t, FakeQuantLinear)
         return t
 

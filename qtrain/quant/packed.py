@@ -25,10 +25,12 @@ Kernels (``kernel="auto"``; ``"reference"`` forces the oracle):
   (prefill, evaluation) the dequantize + float32 matmul of the reference path is faster on
   CPU than these kernels, so it is used (transiently, per call).
 - CUDA: int4 uses tinygemm ``aten._weight_int4pack_mm`` (bf16) for at most
-  ``CUDA_TINYGEMM_MAX_ROWS`` rows, dequantize to bf16 + matmul above; int8 dequantizes to
-  bf16 + matmul.
+  ``CUDA_TINYGEMM_MAX_ROWS`` rows, dequantize to bf16 + matmul above; int8 weights with int8
+  activations use ``torch._int_mm`` (int8 x int8 -> int32, then both scales) above 16 rows,
+  otherwise dequantize to bf16 + matmul.
 - int8 dynamic activations (``spec.activations == "int8"``): the input is quantized per token
-  and dequantized (the same primitive as fake-quant), then the weight path runs.
+  and dequantized (the same primitive as fake-quant), then the weight path runs (on CPU there
+  is no int8 x int4 kernel; the int4 kernel gets the dequantized bf16 activations).
 
 Kernel conventions found by testing (torch 2.13, CPU): tinygemm computes
 ``(q - 8) * scale + zero`` from ``scale_and_zero [K/g, N, 2]`` (bf16), so symmetric codes
@@ -55,8 +57,12 @@ from qtrain.quant.primitives import LayerSpec
 log = logging.getLogger(__name__)
 
 KERNELS = ("auto", "reference")
-CPU_KERNEL_MAX_ROWS = 32
-"""Rows (tokens) up to which the CPU packed kernels beat dequantize + fp32 matmul."""
+CPU_KERNEL_MAX_ROWS = 64
+"""Rows (tokens) up to which the CPU packed kernels beat dequantize + fp32 matmul.
+
+Measured here (1 thread, K x N from 384 x 1152 to 4096 x 4096): the kernels win up to 64 rows
+everywhere, the reference wins for model-sized layers from about 128 to 256 rows on.
+"""
 CUDA_TINYGEMM_MAX_ROWS = 64
 """Rows up to which tinygemm is used on CUDA; dequantize + bf16 matmul above."""
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
@@ -178,11 +184,10 @@ class PackedLinear(nn.Module):
         """``(..., K) -> (..., N)`` through the selected kernel."""
         if self.kernel == "auto":
             fast = self._fast(x.device)
-            if fast is not None:
-                xq = P.fake_quantize_per_token(x) if self._act_int8 else x
-                y = fast(xq.reshape(-1, self.in_features))
+            if fast is not None:  # the fast path quantizes activations itself (int8 dynamic)
+                y = fast(x if x.dim() == 2 else x.reshape(-1, self.in_features))
                 if y is not None:
-                    return y.reshape(*x.shape[:-1], self.out_features)
+                    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
         return self.reference_forward(x)
 
     def extra_repr(self) -> str:
@@ -308,14 +313,9 @@ class Int8Linear(PackedLinear):
         return self.weight_int8[rows]
 
     def _build_fast(self, device: torch.device) -> FastPath | None:
-        w, scales = self.weight_int8, self.scales
+        w, scales, act = self.weight_int8, self.scales, self._act_int8
         if device.type == "cuda":
-
-            def run_cuda(x2: Tensor) -> Tensor:
-                wb = w.to(torch.bfloat16) * scales  # (N, K) bf16, transient
-                return F.linear(x2.to(torch.bfloat16), wb).to(x2.dtype)
-
-            return run_cuda
+            return self._build_cuda()
         if device.type != "cpu":
             self._note(f"no fast path on {device.type}")
             return None
@@ -329,9 +329,28 @@ class Int8Linear(PackedLinear):
         def run_cpu(x2: Tensor) -> Tensor | None:
             if x2.shape[0] > limit:
                 return None
-            return op(x2.to(torch.bfloat16).contiguous(), w, s1).to(x2.dtype)
+            xq = P.fake_quantize_per_token(x2) if act else x2
+            return op(xq.to(torch.bfloat16).contiguous(), w, s1).to(x2.dtype)
 
         return run_cpu
+
+    def _build_cuda(self) -> FastPath:
+        """int8 x int8 ``torch._int_mm`` with int8 activations (M > 16), else bf16 dequant + matmul."""
+        w, scales, act = self.weight_int8, self.scales, self._act_int8
+        int_mm_ok = act and self.in_features % 8 == 0 and self.out_features % 8 == 0
+        w_t = w.t()  # (K, N) column-major view, the layout cuBLAS int8 GEMM wants
+        s_row = scales.float().reshape(1, -1)  # (1, N)
+
+        def run_cuda(x2: Tensor) -> Tensor:
+            if int_mm_ok and x2.shape[0] > 16:
+                codes, sx = P.quantize_per_token(x2)  # int8 (M, K), bf16 (M, 1)
+                acc = torch._int_mm(codes.contiguous(), w_t)  # int32 (M, N)
+                return (acc.float() * sx.float() * s_row).to(x2.dtype)
+            xq = P.fake_quantize_per_token(x2) if act else x2
+            wb = w.to(torch.bfloat16) * scales  # (N, K) bf16, transient
+            return F.linear(xq.to(torch.bfloat16), wb).to(x2.dtype)
+
+        return run_cuda
 
 
 class Int4Linear(PackedLinear):
@@ -411,12 +430,13 @@ class Int4Linear(PackedLinear):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
         sz = self._scale_and_zero(group, n_pad)
         op = torch.ops.aten._weight_int4pack_mm_for_cpu
-        limit = CPU_KERNEL_MAX_ROWS
+        limit, act = CPU_KERNEL_MAX_ROWS, self._act_int8
 
         def run_cpu(x2: Tensor) -> Tensor | None:
             if x2.shape[0] > limit:
                 return None
-            y = op(x2.to(torch.bfloat16).contiguous(), packed, group, sz)
+            xq = P.fake_quantize_per_token(x2) if act else x2
+            y = op(xq.to(torch.bfloat16).contiguous(), packed, group, sz)
             return (y[:, :n] if n_pad else y).to(x2.dtype)
 
         return run_cpu
@@ -432,10 +452,10 @@ class Int4Linear(PackedLinear):
             sz = self._scale_and_zero(group, 0)
         else:
             self._note(f"tinygemm needs N % 8 == 0 and K % 32 == 0 (N={n}, K={k}); dequantize + matmul only")
-        limit = CUDA_TINYGEMM_MAX_ROWS
+        limit, act = CUDA_TINYGEMM_MAX_ROWS, self._act_int8
 
         def run_cuda(x2: Tensor) -> Tensor:
-            xb = x2.to(torch.bfloat16).contiguous()
+            xb = (P.fake_quantize_per_token(x2) if act else x2).to(torch.bfloat16).contiguous()
             if use_tinygemm and x2.shape[0] <= limit:
                 y = torch.ops.aten._weight_int4pack_mm(xb, tiled, group, sz)
             else:
@@ -476,7 +496,9 @@ class QuantEmbedding(nn.Module):
 
     def get_table(self) -> PackedLinear:
         """The packed table (the tied head's module when tied)."""
-        t = self.__dict__.get("_tied_table") or self._modules["table"]
+        t = self.__dict__.get("_tied_table")
+        if t is None:
+            t = self._modules["table"]
         assert isinstance(t, PackedLinear)
         return t
 

@@ -216,14 +216,13 @@ def choose_qparams(
     lo, hi = code_range(bits)
     if bits == 8 and not symmetric:
         raise ValueError("int8 weights are symmetric; asymmetric is only supported for int4")
-    wg = group_view(weight.detach().float(), group_size)  # (N, G, g)
+    w_min, w_max = torch.aminmax(group_view(weight.detach().float(), group_size), dim=-1)  # (N, G) each
     if symmetric:
-        amax = wg.abs().amax(dim=-1)  # (N, G)
+        amax = torch.maximum(-w_min, w_max)  # == |w|.amax(-1), one pass and no |w| temporary
         if clip_ratio is not None:
             amax = amax * clip_ratio
         return round_scale(amax / ((hi - lo) / 2)), None
-    w_min = wg.amin(dim=-1).clamp(max=0.0)  # (N, G)
-    w_max = wg.amax(dim=-1).clamp(min=0.0)
+    w_min, w_max = w_min.clamp(max=0.0), w_max.clamp(min=0.0)
     if clip_ratio is not None:
         w_min, w_max = w_min * clip_ratio, w_max * clip_ratio
     scales = round_scale((w_max - w_min) / (hi - lo))
@@ -309,8 +308,10 @@ def dequantize(codes: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, g
     """
     n, k = codes.shape
     z = implicit_zero(bits) if zeros is None else zeros.float().unsqueeze(-1)
-    cg = group_view(codes, group_size).float()  # (N, G, g)
-    return ((cg - z) * scales.float().unsqueeze(-1)).reshape(n, k)
+    cg = group_view(codes, group_size).to(torch.float32, copy=True)  # (N, G, g), never aliases codes
+    if not isinstance(z, int) or z != 0:  # x - 0 == x exactly: skip the pass for int8
+        cg = cg.sub_(z)
+    return cg.mul_(scales.float().unsqueeze(-1)).reshape(n, k)
 
 
 def fake_quantize(
@@ -335,9 +336,9 @@ def fake_quantize(
     n, k = weight.shape
     s = scales.float().unsqueeze(-1)  # (N, G, 1)
     q = torch.div(group_view(weight.detach().float(), group_size), s).round_()  # (N, G, g)
-    inside = (q >= lo) & (q <= hi)
-    q = clamp_codes(q, lo, hi)
-    return q.mul_(s).reshape(n, k), inside.reshape(n, k)
+    qc = torch.clamp(q, lo, hi) if isinstance(lo, Tensor) else q.clamp(lo, hi)  # type: ignore[arg-type]
+    inside = qc == q
+    return qc.mul_(s).reshape(n, k), inside.reshape(n, k)
 
 
 def quantize_weight(

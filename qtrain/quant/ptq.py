@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -109,7 +110,12 @@ def _inverse_hessian_factor(hessian: Tensor, damp: float) -> tuple[Tensor, Tenso
 
 
 def gptq_quantize(
-    weight: Tensor, hessian: Tensor, spec: LayerSpec, damp: float = 0.01, block_size: int = GPTQ_BLOCK
+    weight: Tensor,
+    hessian: Tensor,
+    spec: LayerSpec,
+    damp: float = 0.01,
+    block_size: int = GPTQ_BLOCK,
+    mse_grid: int = 0,
 ) -> QuantizedWeight:
     """GPTQ codes of one weight given its input Hessian.
 
@@ -119,6 +125,9 @@ def gptq_quantize(
         spec: layer spec.
         damp: dampening as a fraction of the mean Hessian diagonal.
         block_size: columns per lazy batch update.
+        mse_grid: when > 0, each group's qparams come from a clipping search (as in ``mse``)
+            over the group's error-compensated weights at the moment GPTQ reaches it, instead
+            of max-abs; 0 keeps plain GPTQ.
 
     Returns:
         Codes, and the exact scales (zeros) they were computed with.
@@ -132,10 +141,10 @@ def gptq_quantize(
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match K={k}")
     spec.check("gptq", k)
     with _single_thread():  # many small ops: intra-op threads only add sync (and stall badly on a busy CPU)
-        return _gptq(w, hessian, spec, damp, block_size)
+        return _gptq(w, hessian, spec, damp, block_size, mse_grid)
 
 
-def _gptq(w: Tensor, hessian: Tensor, spec: LayerSpec, damp: float, block_size: int) -> QuantizedWeight:
+def _gptq(w: Tensor, hessian: Tensor, spec: LayerSpec, damp: float, block_size: int, mse_grid: int) -> QuantizedWeight:
     n, k = w.shape
     hinv, dead = _inverse_hessian_factor(hessian, damp)
     w[:, dead] = 0.0
@@ -145,7 +154,7 @@ def _gptq(w: Tensor, hessian: Tensor, spec: LayerSpec, damp: float, block_size: 
     codes = torch.empty(n, k, dtype=P.code_dtype(spec.bits), device=w.device)
     scales = torch.empty(n, n_groups, dtype=P.SCALE_DTYPE, device=w.device)
     zeros = None if spec.symmetric else torch.empty(n, n_groups, dtype=torch.uint8, device=w.device)
-    _gptq_columns(w, hinv, spec, block, codes, scales, zeros)
+    _gptq_columns(w, hinv, spec, block, codes, scales, zeros, mse_grid)
     return QuantizedWeight(codes, scales, zeros)
 
 
@@ -160,7 +169,14 @@ def _single_thread() -> Iterator[None]:
 
 
 def _gptq_columns(
-    w: Tensor, hinv: Tensor, spec: LayerSpec, block: int, codes: Tensor, scales: Tensor, zeros: Tensor | None
+    w: Tensor,
+    hinv: Tensor,
+    spec: LayerSpec,
+    block: int,
+    codes: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    mse_grid: int = 0,
 ) -> None:
     """Column loop of GPTQ, filling ``codes``/``scales``/``zeros`` in place (w is updated)."""
     k = w.shape[1]
@@ -172,7 +188,11 @@ def _gptq_columns(
         for i in range(i2 - i1):
             col = i1 + i
             if col % g == 0:  # new group: qparams from the (already updated) group weights
-                s, z = P.choose_qparams(w1[:, i : i + g], spec.bits, -1, spec.symmetric)
+                slab = w1[:, i : i + g]
+                if mse_grid > 0:
+                    s, z = mse_qparams(slab, dataclasses.replace(spec, group_size=-1), mse_grid)
+                else:
+                    s, z = P.choose_qparams(slab, spec.bits, -1, spec.symmetric)
                 scales[:, col // g] = s[:, 0]
                 if zeros is not None and z is not None:
                     zeros[:, col // g] = z[:, 0]
@@ -256,7 +276,13 @@ def _weight_of(model: nn.Module, name: str) -> Tensor:
 
 
 def _gptq_model(
-    model: nn.Module, names: list[str], spec: LayerSpec, calib: Sequence[Tensor], damp: float, kernel: str
+    model: nn.Module,
+    names: list[str],
+    spec: LayerSpec,
+    calib: Sequence[Tensor],
+    damp: float,
+    kernel: str,
+    grid: int = 0,
 ) -> None:
     """Sequential GPTQ over ``model.blocks`` then the remaining linear targets."""
     blocks = getattr(model, "blocks", None)
@@ -273,14 +299,22 @@ def _gptq_model(
 
             hs = _hessians(run_block, model, mine)
             for name in mine:
-                _swap_packed(model, name, gptq_quantize(_weight_of(model, name), hs[name], spec, damp), spec, kernel)
+                _swap_packed(
+                    model,
+                    name,
+                    gptq_quantize(_weight_of(model, name), hs[name], spec, damp, mse_grid=grid),
+                    spec,
+                    kernel,
+                )
                 done.add(name)
             inputs = [((block(*args, **kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
     rest = [n for n in names if n not in done and n != api.EMBEDDING]
     if rest:
         hs = _hessians(lambda: [model(b) for b in calib], model, rest)
         for name in rest:
-            _swap_packed(model, name, gptq_quantize(_weight_of(model, name), hs[name], spec, damp), spec, kernel)
+            _swap_packed(
+                model, name, gptq_quantize(_weight_of(model, name), hs[name], spec, damp, mse_grid=grid), spec, kernel
+            )
 
 
 # -- entry points -----------------------------------------------------------------------------
@@ -324,7 +358,7 @@ def quantize_ptq(
                     _swap_packed(model, name, mse_quantize(_weight_of(model, name), spec, grid), spec, qcfg.kernel)
         elif method == "gptq":
             assert calib is not None
-            _gptq_model(model, [n for n in names if n != api.EMBEDDING], spec, calib, damp, qcfg.kernel)
+            _gptq_model(model, [n for n in names if n != api.EMBEDDING], spec, calib, damp, qcfg.kernel, grid)
     return _finish_embedding(model, qcfg, method, grid)
 
 

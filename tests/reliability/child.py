@@ -8,6 +8,10 @@ Hooks, chosen by environment variables (nothing here is imported by qtrain itsel
   and before manifest.json is, record the published checkpoints' hashes in
   QTRAIN_TEST_HASHES_FILE (if set) and SIGKILL this process.
 - QTRAIN_TEST_THREADS=n: torch threads, so the child computes exactly like the parent.
+- QTRAIN_TEST_EVENTS=path: append one JSON line per barrier entry/exit and per checkpoint
+  write (rank, pid, step, monotonic time), so a DDP test can check who published when.
+- QTRAIN_TEST_FAIL_SAVE_STEP=k, QTRAIN_TEST_FAIL_SAVE_RANK=r: the save of step k fails on
+  rank r (rank 0: an I/O error while writing the weights; other ranks: collecting their state).
 """
 
 from __future__ import annotations
@@ -47,14 +51,70 @@ def _install_kill(step: int, hashes_file: str | None) -> None:
         if path.name == ck.MANIFEST and target in path.parent.name:
             if hashes_file:
                 root = path.parent.parent
-                hashes = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-                          for p in sorted(root.rglob("*")) if p.is_file() and not p.relative_to(root).parts[0]
-                          .startswith(ck.TMP_PREFIX)}
+                hashes = {
+                    str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                    for p in sorted(root.rglob("*"))
+                    if p.is_file() and not p.relative_to(root).parts[0].startswith(ck.TMP_PREFIX)
+                }
                 Path(hashes_file).write_text(json.dumps(hashes))
             os.kill(os.getpid(), signal.SIGKILL)
         original(path, data)
 
     ck._write_json = write_json  # type: ignore[assignment]
+
+
+def _event(path: Path, **fields: object) -> None:
+    line = json.dumps({"rank": int(os.environ.get("RANK", "0")), "pid": os.getpid(), "t": time.monotonic(), **fields})
+    with path.open("a") as f:  # one short O_APPEND write per line: safe across processes
+        f.write(line + "\n")
+
+
+def _install_events(path: Path) -> None:
+    from qtrain import checkpoint as ck
+    from qtrain import distributed
+
+    original_barrier, original_save = distributed.barrier, ck.save_checkpoint
+
+    def barrier() -> None:
+        _event(path, event="barrier_enter")
+        original_barrier()
+        _event(path, event="barrier_exit")
+
+    def save_checkpoint(root: Path, step: int, *args: object, **kwargs: object) -> Path:
+        _event(path, event="save_start", step=step)
+        out = original_save(root, step, *args, **kwargs)  # type: ignore[arg-type]
+        _event(path, event="published", step=step)
+        return out
+
+    distributed.barrier = barrier  # type: ignore[assignment]
+    ck.save_checkpoint = save_checkpoint  # type: ignore[assignment]
+
+
+def _install_save_failure(step: int, fail_rank: int) -> None:
+    if int(os.environ.get("RANK", "0")) != fail_rank:
+        return
+    from qtrain import checkpoint as ck
+    from qtrain.train import Trainer
+
+    if fail_rank == 0:
+        original_write = ck.write_safetensors
+        target = ck.step_dir_name(step)
+
+        def write_safetensors(tensors: object, path: Path, *args: object, **kwargs: object) -> None:
+            if target in path.parent.name:
+                raise OSError(5, "Input/output error (injected)", str(path))
+            original_write(tensors, path, *args, **kwargs)  # type: ignore[arg-type]
+
+        ck.write_safetensors = write_safetensors  # type: ignore[assignment]
+        return
+    original_state = Trainer.state_dict
+
+    def state_dict(self: Trainer) -> dict:
+        if self.step == step:
+            raise RuntimeError(f"rank {fail_rank} could not collect its state (injected)")
+        return original_state(self)
+
+    Trainer.state_dict = state_dict  # type: ignore[method-assign]
 
 
 def main() -> None:
@@ -66,6 +126,12 @@ def main() -> None:
         _install_pause(int(os.environ["QTRAIN_TEST_PAUSE_AT_STEP"]), Path(os.environ["QTRAIN_TEST_READY_FILE"]))
     if os.environ.get("QTRAIN_TEST_KILL_BEFORE_MANIFEST"):
         _install_kill(int(os.environ["QTRAIN_TEST_KILL_BEFORE_MANIFEST"]), os.environ.get("QTRAIN_TEST_HASHES_FILE"))
+    if os.environ.get("QTRAIN_TEST_EVENTS"):
+        _install_events(Path(os.environ["QTRAIN_TEST_EVENTS"]))
+    if os.environ.get("QTRAIN_TEST_FAIL_SAVE_STEP"):
+        _install_save_failure(
+            int(os.environ["QTRAIN_TEST_FAIL_SAVE_STEP"]), int(os.environ["QTRAIN_TEST_FAIL_SAVE_RANK"])
+        )
     from qtrain.cli import main as qtrain_main
 
     qtrain_main(sys.argv[1:])

@@ -7,6 +7,7 @@ hooks stop the child at an exact point (never sleep-and-hope).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -23,13 +24,23 @@ import torch
 from safetensors.torch import load_file
 
 from qtrain import cli
+from qtrain.config import RunConfig
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 CHILD = HERE / "child.py"
-SHRINK = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.mlp_hidden=64", "model.block_size=32",
-          "train.batch_size=4", "data.val_windows=4", "train.warmup_steps=2", "train.eval_every=0"]
+SHRINK = [
+    "model.n_layer=1",
+    "model.n_embd=32",
+    "model.n_head=2",
+    "model.mlp_hidden=64",
+    "model.block_size=32",
+    "train.batch_size=4",
+    "data.val_windows=4",
+    "train.warmup_steps=2",
+    "train.eval_every=0",
+]
 
 
 def qtrain(args: list[str]) -> int:
@@ -41,6 +52,42 @@ def qtrain(args: list[str]) -> int:
     return 0
 
 
+_BASE: list[RunConfig] = []
+
+
+def config(changes: dict[str, Any] | None = None) -> RunConfig:
+    """The shrunken `mode=train` config (composed with Hydra once), with dotted-key `changes`.
+
+    Example: ``config({"mode.name": "verify", "init_from": str(path)})``.
+    """
+    if not _BASE:
+        from hydra.core.global_hydra import GlobalHydra
+
+        from tests.conftest import compose_cfg
+
+        _BASE.append(compose_cfg(["mode=train", *SHRINK]))
+        GlobalHydra.instance().clear()
+    cfg = copy.deepcopy(_BASE[0])
+    for key, value in (changes or {}).items():
+        *parents, leaf = key.split(".")
+        node: Any = cfg
+        for part in parents:
+            node = getattr(node, part)
+        assert hasattr(node, leaf), key
+        setattr(node, leaf, value)
+    return cfg
+
+
+def execute(changes: dict[str, Any], run_dir: Path) -> int:
+    """Run one job like the CLI does after composing (`cli.execute`: error mapping, SIGTERM); return its exit code.
+
+    Skips Hydra's composition (about a second per call here), so most cases use this; the
+    command-line behaviour itself (precheck, same command re-run) goes through `qtrain`.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return cli.execute(config(changes), run_dir)
+
+
 def train_args(run_dir: Path, steps: int, *extra: str) -> list[str]:
     """A shrunken `mode=train` command line in `run_dir`."""
     return ["mode=train", *SHRINK, f"train.max_steps={steps}", *extra, f"hydra.run.dir={run_dir}"]
@@ -48,8 +95,11 @@ def train_args(run_dir: Path, steps: int, *extra: str) -> list[str]:
 
 def tree_hashes(root: Path) -> dict[str, str]:
     """SHA-256 of every file under `root`, by relative path."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def published_hashes(ckpt_root: Path) -> dict[str, str]:
@@ -97,8 +147,14 @@ def rewrite_listed_file(ckpt: Path, name: str, data: bytes) -> None:
 def start_child(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     """Start `python tests/reliability/child.py ARGS` (qtrain with test hooks) in its own session."""
     full = {**os.environ, "PYTHONUNBUFFERED": "1", "QTRAIN_TEST_THREADS": str(torch.get_num_threads()), **env}
-    return subprocess.Popen([sys.executable, str(CHILD), *args], cwd=REPO, env=full, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, str(CHILD), *args],
+        cwd=REPO,
+        env=full,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen[str], deadline_s: float = 120) -> None:
@@ -134,7 +190,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A shrunken run with checkpoints at steps 2 and 4 (do not modify: copy it)."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    assert qtrain(train_args(run, 4, "train.save_every=2", "train.log_every=1")) == 0
+    assert execute({"train.max_steps": 4, "train.save_every": 2, "train.log_every": 1}, run) == 0
     assert step_names(run / "checkpoints") == ["step_0000002", "step_0000004"]
     return run
 
@@ -143,7 +199,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted 8-step run, one metrics line per step (the baseline for resume cases)."""
     run = tmp_path_factory.mktemp("reference") / "run"
-    assert qtrain(train_args(run, 8, "train.log_every=1", "train.save_every=0")) == 0
+    assert execute({"train.max_steps": 8, "train.log_every": 1, "train.save_every": 0}, run) == 0
     return run
 
 

@@ -14,6 +14,7 @@ from qtrain.data import BatchSampler, pydocs_text
 from qtrain.train import Trainer
 from tests.reliability.conftest import (
     assert_same_weights,
+    execute,
     losses,
     qtrain,
     sigterm_at_step,
@@ -29,8 +30,13 @@ def preempted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     run = tmp / "run"
     args = train_args(run, 8, "train.log_every=1", "train.save_every=0")
     code, out, err = sigterm_at_step(args, 4, tmp)
-    after_stop = {"code": code, "out": out, "err": err, "steps": step_names(run / "checkpoints"),
-                  "metrics": (run / "metrics.jsonl").read_text()}
+    after_stop = {
+        "code": code,
+        "out": out,
+        "err": err,
+        "steps": step_names(run / "checkpoints"),
+        "metrics": (run / "metrics.jsonl").read_text(),
+    }
     resumed = qtrain(args)
     return {"run": run, "stop": after_stop, "resume_code": resumed}
 
@@ -60,8 +66,8 @@ def test_case_10_rerun_continues_same_dir_and_appends_metrics(preempted: dict[st
 
 
 def _small_corpus(path: Path) -> Path:
-    # 1400 bytes: about 9 batches of 4 windows per epoch, so the run crosses epochs, mid-batch too.
-    path.write_bytes(pydocs_text().encode("utf-8")[:1400])
+    # 700 bytes: about 4.5 batches of 4 windows per epoch, so the run crosses epochs, mid-batch too.
+    path.write_bytes(pydocs_text().encode("utf-8")[:700])
     return path
 
 
@@ -78,50 +84,59 @@ def _record_batches(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
     return seen
 
 
-def test_case_08_mid_epoch_resume_consumes_exactly_the_same_batches(tmp_path: Path,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_case_08_mid_epoch_resume_consumes_exactly_the_same_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     corpus = _small_corpus(tmp_path / "small.txt")
-    extra = ("data=text", f"data.path={corpus}", "train.log_every=1", "train.save_every=0")
+    changes = {
+        "data.name": "text",
+        "data.path": str(corpus),
+        "train.log_every": 1,
+        "train.save_every": 0,
+        "train.max_steps": 12,
+    }
     seen = _record_batches(monkeypatch)
-    assert qtrain(train_args(tmp_path / "straight", 20, *extra)) == 0
+    assert execute(changes, tmp_path / "straight") == 0
     straight = list(seen)
-    assert len(straight) == 20
+    assert len(straight) == 12
 
     seen.clear()
     original = Trainer._after_step
 
     def after_step(self: Trainer, loss: float, grad_norm: float, dt: float) -> None:
         original(self, loss, grad_norm, dt)
-        if self.step == 5 and self.sampler.epoch == 0:  # mid-epoch: a real SIGTERM to this process
+        if self.step == 3 and self.sampler.epoch == 0:  # mid-epoch: a real SIGTERM to this process
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(Trainer, "_after_step", after_step)
     run = tmp_path / "interrupted"
-    assert qtrain(train_args(run, 20, *extra)) == 143
-    state = ck.load_checkpoint(run / "checkpoints" / "step_0000005").trainer_meta["trainer"]["sampler"]
-    assert state["epoch"] == 0 and 0 < state["cursor"]  # stopped in the middle of the first epoch
-    assert qtrain(train_args(run, 20, *extra)) == 0
+    assert execute(changes, run) == 143
+    state = ck.load_checkpoint(run / "checkpoints" / "step_0000003").trainer_meta["trainer"]["sampler"]
+    assert state["epoch"] == 0 and state["cursor"] > 0  # stopped in the middle of the first epoch
+    assert execute(changes, run) == 0
     resumed = list(seen)
-    assert len(resumed) == 20  # no batch repeated, none skipped
-    for i, (a, b) in enumerate(zip(straight, resumed)):
+    assert len(resumed) == 12  # no batch repeated, none skipped
+    for i, (a, b) in enumerate(zip(straight, resumed, strict=True)):
         assert torch.equal(a, b), f"batch {i + 1} differs"
-    final = ck.load_checkpoint(run / "checkpoints" / "step_0000020").trainer_meta["trainer"]["sampler"]
+    final = ck.load_checkpoint(run / "checkpoints" / "step_0000012").trainer_meta["trainer"]["sampler"]
     assert final["epoch"] >= 2  # the resumed part crossed epoch boundaries
     assert losses(run) == losses(tmp_path / "straight")
 
 
 def test_case_11_nothing_to_resume_and_bogus_init_from(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     must = tmp_path / "must"
-    assert qtrain(train_args(must, 2, "resume=must")) == 2
+    assert execute({"resume": "must", "train.max_steps": 2}, must) == 2
     assert f"no valid checkpoint in {must / 'checkpoints'}" in capsys.readouterr().err
 
     fresh = tmp_path / "fresh"
-    assert qtrain(train_args(fresh, 2, "resume=auto")) == 0
+    assert execute({"resume": "auto", "train.max_steps": 2}, fresh) == 0
     assert f"no valid checkpoint in {fresh / 'checkpoints'}; starting fresh" in capsys.readouterr().out
 
     bogus = tmp_path / "no-such-checkpoint"
-    for mode in ("train", "eval"):
-        args = [f"mode={mode}", f"init_from={bogus}", f"hydra.run.dir={tmp_path / mode}"]
-        assert qtrain(args if mode == "eval" else train_args(tmp_path / mode, 2, f"init_from={bogus}")) == 2
+    for mode in ("train", "eval", "verify", "generate"):
+        assert execute({"mode.name": mode, "init_from": str(bogus), "train.max_steps": 1}, tmp_path / mode) == 2
         err = capsys.readouterr().err
-        assert "init_from" in err and str(bogus) in err and "Traceback" not in err
+        assert f"init_from: {bogus} does not exist" in err and "Traceback" not in err
+    assert qtrain(["mode=eval", f"init_from={bogus}", f"hydra.run.dir={tmp_path / 'cli'}"]) == 2
+    assert f"init_from: {bogus} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "cli").exists()

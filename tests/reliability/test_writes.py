@@ -17,6 +17,7 @@ from qtrain.model import GPT
 from qtrain.train import Trainer
 from tests.reliability.conftest import (
     assert_same_weights,
+    execute,
     losses,
     published_hashes,
     qtrain,
@@ -27,8 +28,9 @@ from tests.reliability.conftest import (
 )
 
 
-def test_case_01_sigkill_between_weights_and_manifest(tmp_path: Path, reference: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_case_01_sigkill_between_weights_and_manifest(
+    tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "run"
     root = run / "checkpoints"
     args = train_args(run, 8, "train.save_every=2", "train.log_every=1")
@@ -54,8 +56,9 @@ def test_case_01_sigkill_between_weights_and_manifest(tmp_path: Path, reference:
     assert_same_weights(root / "step_0000008", reference / "checkpoints" / "step_0000008")
 
 
-def test_case_02_unserializable_trainer_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_case_02_unserializable_trainer_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "run"
     root = run / "checkpoints"
     before: dict[str, Any] = {}
@@ -102,8 +105,9 @@ class _FullDisk:
         self.real.close()
 
 
-def test_case_03_disk_full_during_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_case_03_disk_full_during_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "run"
     root = run / "checkpoints"
     before: dict[str, str] = {}
@@ -118,7 +122,7 @@ def test_case_03_disk_full_during_save(tmp_path: Path, monkeypatch: pytest.Monke
         return _FullDisk(original(path), budget)  # type: ignore[return-value]
 
     monkeypatch.setattr(ck, "_open_new", open_new)
-    code = qtrain(train_args(run, 6, "train.save_every=2", "train.keep=2"))
+    code = execute({"train.max_steps": 6, "train.save_every": 2, "train.keep": 2}, run)
     assert code == 5
     err = capsys.readouterr().err
     assert "disk full" in err and "needs about" in err and "bytes free" in err
@@ -139,8 +143,9 @@ def test_case_03_safetensors_writes_report_enospc_as_oserror(tmp_path: Path, mon
     assert info.value.errno == errno.ENOSPC
 
 
-def test_case_04_output_dir_not_writable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_case_04_output_dir_not_writable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def no_model(*_: object, **__: object) -> None:
         raise AssertionError("a model was built before the output directory was checked")
 
@@ -172,7 +177,9 @@ def test_case_05_retention_keeps_the_last_valid_checkpoint(tmp_path: Path) -> No
 
     # Pruning happens only after the new checkpoint is published.
     seen: list[list[str]] = []
-    ck.save_checkpoint(tmp_path, 4, _payload(model), keep=2, before_publish=lambda tmp: seen.append(step_names(tmp_path)))
+    ck.save_checkpoint(
+        tmp_path, 4, _payload(model), keep=2, before_publish=lambda tmp: seen.append(step_names(tmp_path))
+    )
     assert seen == [["step_0000002", "step_0000003"]]
     assert step_names(tmp_path) == ["step_0000003", "step_0000004"]
 

@@ -13,6 +13,7 @@ from qtrain.quant.primitives import LayerSpec
 
 SPECS = {
     "int8": LayerSpec("int8", 8),
+    "int8_act": LayerSpec("int8", 8, -1, True, "int8"),
     "int4": LayerSpec("int4", 4, 32),
     "int4_g128": LayerSpec("int4", 4, 128),
     "int4_asym": LayerSpec("int4", 4, 32, False),
@@ -148,7 +149,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("name", ["int8", "int4", "int4_asym", "int4_channel", "int8da_int4w"])
+@pytest.mark.parametrize("name", ["int8", "int8_act", "int4", "int4_asym", "int4_channel", "int8da_int4w"])
 @pytest.mark.parametrize("rows", [1, 16, 200])
 def test_cuda_kernels_match_reference(name: str, rows: int) -> None:
     spec = SPECS[name]

@@ -1,0 +1,68 @@
+"""Scaling out: 2-process DDP (gloo, CPU) equals one process; sweeps survive a failed job."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import SHRINK, run_qtrain
+
+pytestmark = pytest.mark.integration
+STEPS = ["train.max_steps=8", "train.log_every=1", "train.save_every=4", "train.eval_every=0"]
+BASE = [o for o in SHRINK if not o.startswith("train.batch_size")]
+
+
+def _torchrun(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "qtrain", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ddp_two_processes_match_one_and_resume_bit_identically(tmp_path: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    res = run_qtrain(["mode=qat", "quant=int4", *BASE, *STEPS, "train.batch_size=8", f"hydra.run.dir={one}"])
+    assert res.returncode == 0, res.stderr
+    res = _torchrun(["mode=qat", "quant=int4", *BASE, *STEPS, "train.batch_size=4", f"hydra.run.dir={two}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    # same global batch (2 x 4 = 8): same loss curve within float tolerance
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-4, abs=1e-5)
+    # exactly one checkpoint per save step, published by rank 0 only, nothing half-written
+    ckpts = two / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000004", "step_0000008"]
+    final = load_file(str(ckpts / "step_0000008" / "model.safetensors"))
+    # resume the 2-process run from step 4: the result must be bit-identical
+    shutil.rmtree(ckpts / "step_0000008")
+    (ckpts / "latest").write_text("step_0000004\n")
+    res = _torchrun(["mode=qat", "quant=int4", *BASE, *STEPS, "train.batch_size=4", f"hydra.run.dir={two}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "continuing from" in res.stdout + res.stderr
+    again = load_file(str(ckpts / "step_0000008" / "model.safetensors"))
+    assert final.keys() == again.keys()
+    assert all((final[k] == again[k]).all() for k in final)
+
+
+def test_sweep_keeps_going_past_a_failed_job(tmp_path: Path) -> None:
+    # int4 with group 128 cannot divide n_embd=32: that job fails on purpose, int8 succeeds
+    res = run_qtrain(["-m", "mode=qat", "quant=int4,int8", "quant.group_size=128", *SHRINK, "train.max_steps=2",
+                      f"hydra.sweep.dir={tmp_path}"])
+    assert res.returncode == 2
+    summary = json.loads((tmp_path / "sweep_status.json").read_text())
+    assert (summary["succeeded"], summary["failed"]) == (1, 1)
+    by_quant = {next(o for o in j["overrides"] if o.startswith("quant=")): j for j in summary["jobs"]}
+    assert by_quant["quant=int4"]["exit_code"] == 2 and by_quant["quant=int8"]["ok"]
+    ok_dir = Path(by_quant["quant=int8"]["dir"])
+    assert json.loads((ok_dir / "status.json").read_text())["ok"]
+    assert (ok_dir / "report.json").is_file()
+    assert "1 job(s) failed" in res.stderr
