@@ -177,7 +177,7 @@ def _oom_message(cfg: RunConfig) -> str:
     )
 
 
-def execute(cfg: RunConfig, run_dir: Path) -> int:
+def execute(cfg: RunConfig, run_dir: Path, overrides: list[str] | None = None) -> int:
     """Run one job in `run_dir`; return its exit code (messages printed, never raised)."""
     import torch
 
@@ -195,7 +195,7 @@ def execute(cfg: RunConfig, run_dir: Path) -> int:
     if distributed.is_distributed() and cfg.mode.name not in DISTRIBUTED_MODES and rank() != 0:
         return EXIT_OK  # ptq / eval / generate / tools run on rank 0 alone
     torch.manual_seed(cfg.seed)
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device)
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device, overrides=list(overrides or []))
     previous = signal.signal(signal.SIGTERM, lambda *_: ctx.stop.set())
     try:
         run(ctx)
@@ -247,7 +247,7 @@ def _task(dcfg: DictConfig) -> None:
     try:
         cfg = OmegaConf.to_object(dcfg)
         assert isinstance(cfg, RunConfig)
-        code = execute(cfg, run_dir)
+        code = execute(cfg, run_dir, overrides)
     except Exception:  # noqa: BLE001 - a bug: show it, record it, keep sweeps going
         traceback.print_exc()
         code = EXIT_BUG

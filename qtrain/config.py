@@ -154,8 +154,9 @@ class QATConfig:
     """LSQ-style learnable scales."""
     scale_lr: float = 1e-4
     """Learning rate of the learnable scales."""
-    init: str = "rtn"
-    """How scales start: rtn | mse | gptq."""
+    init: str = "auto"
+    """Where QAT starts: auto (gptq with a full-precision init_from, else rtn) | rtn | mse | gptq.
+    mse/gptq start from that PTQ result itself (its codes and scales)."""
     distill: bool = False
     """Distil from the frozen full-precision init_from model."""
     distill_weight: float = 1.0
@@ -260,7 +261,12 @@ def validate(cfg: RunConfig) -> list[str]:
     _validate_quant(p, q, m)
     _check(p, cfg.ptq.method in PTQ_METHODS, "ptq.method", f"'{cfg.ptq.method}' is not one of {list(PTQ_METHODS)}")
     _check(p, cfg.ptq.calib_batches > 0, "ptq.calib_batches", f"must be > 0 (got {cfg.ptq.calib_batches})")
-    _check(p, cfg.qat.init in PTQ_METHODS, "qat.init", f"'{cfg.qat.init}' is not one of {list(PTQ_METHODS)}")
+    _check(
+        p,
+        cfg.qat.init in ("auto", *PTQ_METHODS),
+        "qat.init",
+        f"'{cfg.qat.init}' is not one of {['auto', *PTQ_METHODS]}",
+    )
     _check(p, cfg.qat.start_step >= 0, "qat.start_step", f"must be >= 0 (got {cfg.qat.start_step})")
     _check(p, cfg.qat.act_start_step >= 0, "qat.act_start_step", f"must be >= 0 (got {cfg.qat.act_start_step})")
     _check(p, cfg.qat.scale_lr > 0, "qat.scale_lr", f"must be > 0 (got {cfg.qat.scale_lr})")

@@ -83,14 +83,14 @@ def load_corpus(cfg: DataConfig, block_size: int = 0) -> Corpus:
     else:
         path = Path(str(cfg.path)).expanduser()
         raw, source = _read_text_files(path), str(path)
+    need = block_size + 1
+    min_bytes = int(need / min(cfg.val_fraction, 1 - cfg.val_fraction)) + 1
     if not raw:
-        raise DataError(f"data.path: corpus {source} is empty; it needs at least {2 * (block_size + 1) * 10} bytes")
+        raise DataError(f"data.path: corpus {source} is empty; it needs at least {min_bytes} bytes")
     tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     n_val = int(len(tokens) * cfg.val_fraction)
     train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
-    need = block_size + 1
     if len(train) < need or len(val) < need:
-        min_bytes = int(need / min(cfg.val_fraction, 1 - cfg.val_fraction)) + 1
         raise DataError(
             f"data.path: corpus {source} has {len(tokens)} bytes; each split needs one window of "
             f"{need} bytes (model.block_size + 1), so the corpus needs at least {min_bytes} bytes"

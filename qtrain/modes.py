@@ -10,12 +10,14 @@ from qtrain.errors import ConfigError
 from qtrain.quant_modes import run_finetune, run_ptq, run_qat
 from qtrain.report import write_report
 from qtrain.runner import BASE_MODES, RunContext
+from qtrain.sweep_report import run_report
 
 MODES: dict[str, Callable[[RunContext], dict[str, Any]]] = {
     **BASE_MODES,
     "ptq": run_ptq,
     "qat": run_qat,
     "finetune": run_finetune,
+    "report": run_report,
     **CHECKPOINT_MODES,
 }
 

@@ -194,8 +194,11 @@ def qat_param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
 
 def _prepare_qat(ctx: RunContext, model: GPT, corpus: Corpus, hooks: HookSet) -> GPT:
     cfg = ctx.cfg
+    init = cfg.qat.init
+    if init == "auto":  # from a trained model, start where the best PTQ ends (measured: regime Q)
+        init = "gptq" if cfg.init_from else "rtn"
     try:
-        if cfg.qat.init == "rtn":
+        if init == "rtn":
             api.prepare(model, cfg.quant, learn_scales=cfg.qat.learn_scales)
         else:
             # Start from the PTQ result itself: latent weights = its dequantized codes, scales
@@ -203,7 +206,7 @@ def _prepare_qat(ctx: RunContext, model: GPT, corpus: Corpus, hooks: HookSet) ->
             # computes exactly what `mode=ptq ptq.method=<init>` would have shipped.
             calib = _calibration(ctx, corpus, model.cfg.block_size, cfg.ptq.calib_batches)
             model.eval()
-            quantize_ptq(model, cfg.quant, cfg.qat.init, calib, cfg.ptq.damp, cfg.ptq.mse_grid)
+            quantize_ptq(model, cfg.quant, init, calib, cfg.ptq.damp, cfg.ptq.mse_grid)
             api.to_fake(model, learn_scales=cfg.qat.learn_scales)
             model.train()
     except ValueError as err:
@@ -293,8 +296,10 @@ def finished_result(ctx: RunContext) -> dict[str, Any] | None:
     requested = vars(ctx.cfg.quant)
     mismatch = ck.config_scheme_mismatch(quant, requested)
     if mismatch and (ctx.cfg.mode.name == "qat" or requested["scheme"] != "none"):  # never another scheme's result
-        raise ConfigError(f"resume: {found} {mismatch}. Re-run with the checkpoint's quant settings, "
-                          f"or start a new run dir (hydra.run.dir=...)")
+        raise ConfigError(
+            f"resume: {found} {mismatch}. Re-run with the checkpoint's quant settings, "
+            f"or start a new run dir (hydra.run.dir=...)"
+        )
     info(f"resume: {found} is this run's converted final checkpoint; re-evaluating it")
     ckpt = ck.load_checkpoint(found, with_trainer=False)
     model = model_from_checkpoint(ckpt, ctx.device, ctx.cfg.quant.kernel)
@@ -369,7 +374,8 @@ def run_finetune(ctx: RunContext) -> dict[str, Any]:
             f"Quantize it with mode=qat init_from={ckpt.path} (or mode=ptq)"
         )
     qcfg = checkpoint_quant_config(ckpt)
-    _check_same_scheme(cfg.quant, qcfg, ckpt.path)
+    if any(o.lstrip("+~").startswith("quant") for o in ctx.overrides):  # only an explicit request can clash
+        _check_same_scheme(cfg.quant, qcfg, ckpt.path)
     qcfg.kernel = cfg.quant.kernel
     corpus = corpus_for(ctx, model.cfg.block_size)
     ref_loss = eval_fn_for(ctx, corpus, model.cfg.block_size)(model)

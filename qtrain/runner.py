@@ -36,6 +36,8 @@ class RunContext:
     device: torch.device
     stop: StopFlag = field(default_factory=StopFlag)
     t0: float = field(default_factory=time.perf_counter)
+    overrides: list[str] = field(default_factory=list)
+    """The command-line overrides (to tell an explicit `quant=...` from the default)."""
 
     @property
     def ckpt_root(self) -> Path:

@@ -191,7 +191,7 @@ class Trainer:
         loss_val = float(loss_sum)
         if not (math.isfinite(loss_val) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(self.step, loss_val, grad_norm)
+            raise NonFiniteError(self.step + 1, loss_val, grad_norm)  # the step being attempted, 1-based
         factor = lr_factor(self.step, self.cfg)
         for g in self.optimizer.param_groups:
             g["lr"] = g.get("base_lr", self.cfg.lr) * factor

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from qtrain.cli import main
 from tests.conftest import SHRINK, run_qtrain
 
 pytestmark = pytest.mark.integration
@@ -62,12 +63,18 @@ def test_eval_and_generate_from_a_run_dir(trained: Path, tmp_path: Path) -> None
     (["data=text"], ["data.path"]),
     (["mode=ptq"], ["init_from"]),
 ])
-def test_bad_config_exits_2_without_traceback_or_run_dir(tmp_path: Path, args: list[str], needles: list[str]) -> None:
-    res = run_qtrain(args, cwd=tmp_path)
-    assert res.returncode == 2
-    assert "Traceback" not in res.stderr + res.stdout
+def test_bad_config_exits_2_without_traceback_or_run_dir(
+    tmp_path: Path, args: list[str], needles: list[str], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)  # in-process: the same code path as the console script, minus start-up
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    out = capsys.readouterr()
+    assert exit_.value.code == 2
+    assert "Traceback" not in out.err + out.out
     for needle in needles:
-        assert needle in res.stderr
+        assert needle in out.err
     assert not (tmp_path / "outputs").exists()
 
 

@@ -85,7 +85,8 @@ def execute(changes: dict[str, Any], run_dir: Path) -> int:
     command-line behaviour itself (precheck, same command re-run) goes through `qtrain`.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    return cli.execute(config(changes), run_dir)
+    overrides = [f"{k}={v}" for k, v in changes.items()]  # what the command line would have said
+    return cli.execute(config(changes), run_dir, overrides)
 
 
 def train_args(run_dir: Path, steps: int, *extra: str) -> list[str]:

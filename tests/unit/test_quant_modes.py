@@ -42,7 +42,7 @@ class RecordingHook:
 
 def _run(tmp: Path, name: str, overrides: list[str]) -> dict:
     cfg = compose_cfg([*SHRINK, *overrides])
-    return run(RunContext(cfg=cfg, run_dir=tmp / name, device=torch.device("cpu")))
+    return run(RunContext(cfg=cfg, run_dir=tmp / name, device=torch.device("cpu"), overrides=overrides))
 
 
 @pytest.fixture(scope="module")
