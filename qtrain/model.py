@@ -143,6 +143,9 @@ class GPT(nn.Module):
             super()._apply(fn, recurse)
         finally:
             device = fn(torch.empty(0, device=rope.device)).device
+            if rope.is_meta and device.type != "meta":  # built on the meta device: compute it now
+                c = self.cfg
+                rope = rope_tables(c.n_embd // c.n_head, c.block_size, c.rope_theta)
             self._buffers["rope"] = rope.to(device)
         return self
 

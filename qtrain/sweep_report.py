@@ -34,7 +34,7 @@ from typing import Any
 
 from rich.table import Table
 
-from qtrain.console import console, info
+from qtrain.console import console, info, rank
 from qtrain.errors import ConfigError
 from qtrain.report import REPORT_FILE
 from qtrain.runner import RunContext
@@ -48,6 +48,8 @@ JOB_MARKERS = (REPORT_FILE, STATUS_FILE, METRICS_FILE, ".hydra")
 FULL_PRECISION_BITS = 32.0
 SCALE_BITS = 16
 ZERO_BITS = 8
+TABLE_WIDTH = 160
+"""Columns of the printed table when the output is not a terminal."""
 
 
 @dataclass
@@ -388,6 +390,25 @@ def rows_table(rows: list[Row], title: str = "qtrain report") -> Table:
     return table
 
 
+def print_wide(table: Table) -> None:
+    """Print through the qtrain console; a pipe or log file gets TABLE_WIDTH columns, not rich's 80."""
+    if console.is_terminal or rank() != 0:
+        info_table(table)
+        return
+    saved = console.__dict__.get("_width")
+    console.width = max(console.width, TABLE_WIDTH)
+    try:
+        console.print(table)
+    finally:
+        console.__dict__["_width"] = saved
+
+
+def info_table(table: Table) -> None:
+    """Print a table on rank 0 only."""
+    if rank() == 0:
+        console.print(table)
+
+
 def write_table(run_dir: Path, rows: list[Row], runs: list[str]) -> Path:
     """Write report_table.json (atomically) into ``run_dir``."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -466,7 +487,7 @@ def run_report(ctx: RunContext) -> dict[str, Any]:
     jobs = [read_job(p) for p in find_job_dirs(runs)]
     jobs = [j for j in jobs if (j.report or {}).get("mode") != "report"]  # earlier reports are not runs
     rows = build_rows(jobs)
-    console.print(rows_table(rows, title=f"qtrain report: {len(rows)} runs from {', '.join(runs)}"))
+    print_wide(rows_table(rows, title=f"qtrain report: {len(rows)} runs from {', '.join(runs)}"))
     table_path = write_table(ctx.run_dir, rows, runs)
     info(f"table: {table_path}")
     plot_path: Path | None = None

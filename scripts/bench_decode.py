@@ -141,7 +141,7 @@ def time_decode(models: dict[str, GPT], n_tokens: int, repeats: int, prompt_len:
     result: dict[str, Any] = {}
     for n in names:
         per_repeat = [n_tokens / sum(ts) for ts in steps[n]]
-        best = [min(col) for col in zip(*steps[n])]
+        best = [min(ts[i] for ts in steps[n]) for i in range(n_tokens)]
         agree = float((tokens[n] == tokens[names[0]]).float().mean())
         result[n] = {
             "decode_tokens_per_s": statistics.median(per_repeat),
@@ -166,7 +166,11 @@ def time_prefill(models: dict[str, GPT], n_tokens: int, repeats: int) -> dict[st
                 if r > 0:
                     times[n].append(time.perf_counter() - t)
     return {
-        n: {"prefill_s": statistics.median(ts), "prefill_s_best": min(ts), "prefill_tokens_per_s": n_tokens / statistics.median(ts)}
+        n: {
+            "prefill_s": statistics.median(ts),
+            "prefill_s_best": min(ts),
+            "prefill_tokens_per_s": n_tokens / statistics.median(ts),
+        }
         for n, ts in times.items()
     }
 

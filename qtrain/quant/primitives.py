@@ -216,9 +216,11 @@ def choose_qparams(
     lo, hi = code_range(bits)
     if bits == 8 and not symmetric:
         raise ValueError("int8 weights are symmetric; asymmetric is only supported for int4")
-    w_min, w_max = torch.aminmax(group_view(weight.detach().float(), group_size), dim=-1)  # (N, G) each
+    wg = group_view(weight.detach().float(), group_size)  # (N, G, g)
+    # amin + amax, not aminmax: on CPU aminmax over a short last dim is 5-20x slower than both.
+    w_min, w_max = wg.amin(dim=-1), wg.amax(dim=-1)  # (N, G) each
     if symmetric:
-        amax = torch.maximum(-w_min, w_max)  # == |w|.amax(-1), one pass and no |w| temporary
+        amax = torch.maximum(-w_min, w_max)  # == |w|.amax(-1), without a |w| temporary
         if clip_ratio is not None:
             amax = amax * clip_ratio
         return round_scale(amax / ((hi - lo) / 2)), None
@@ -445,7 +447,8 @@ def choose_qparams_per_token(x: Tensor) -> Tensor:
     Returns:
         bfloat16 ``[..., 1]``.
     """
-    lo, hi = torch.aminmax(x.detach(), dim=-1, keepdim=True)
+    xd = x.detach()
+    lo, hi = xd.amin(dim=-1, keepdim=True), xd.amax(dim=-1, keepdim=True)  # faster than aminmax on CPU
     amax = torch.maximum(-lo, hi).float()
     return round_scale(amax / 127.5)
 

@@ -91,9 +91,10 @@ def test_help_lists_groups_and_examples(tmp_path: Path) -> None:
         assert word in res.stdout
 
 
-def test_resume_must_without_checkpoint(tmp_path: Path) -> None:
-    res = run_qtrain(["mode=train", *SHRINK, "train.max_steps=2", "resume=must", f"hydra.run.dir={tmp_path / 'x'}"])
-    assert res.returncode == 2 and "no valid checkpoint" in res.stderr
+def test_resume_must_without_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["mode=train", *SHRINK, "train.max_steps=2", "resume=must", f"hydra.run.dir={tmp_path / 'x'}"])
+    assert exit_.value.code == 2 and "no valid checkpoint" in capsys.readouterr().err
 
 
 def test_console_script_works_from_another_directory(tmp_path: Path) -> None:

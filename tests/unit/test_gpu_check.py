@@ -1,0 +1,57 @@
+"""scripts/gpu_check.py: the parts that run without a GPU (kernel checks, static decode step, no-CUDA exit)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qtrain.config import QuantConfig
+from qtrain.quant import api
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gc():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernel_checks_pass_on_cpu_and_flag_a_broken_kernel(gc, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = gc.check_kernels(torch.device("cpu"), [(40, 128)], [1, 65])
+    assert {r["kernel"] for r in rows} == set(gc.KERNEL_SPECS)
+    assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    assert all(r["fast"] for r in rows)  # the CPU kernels accept this shape
+    real = gc.Int4Linear.reference_forward
+    monkeypatch.setattr(gc.Int4Linear, "reference_forward", lambda self, x: real(self, x) * 1.1)
+    bad = gc.check_kernels(torch.device("cpu"), [(40, 128)], [1], {"int4 g32": gc.KERNEL_SPECS["int4 g32"]})
+    assert not bad[0]["ok"]
+
+
+@pytest.mark.parametrize("scheme", [None, "int4"])
+def test_static_decode_step_matches_the_cached_forward(gc, scheme: str | None) -> None:
+    model = gc.random_model(gc.MODEL_DRY, torch.device("cpu"), torch.float32)
+    if scheme:
+        api.convert(model, QuantConfig(scheme=scheme, group_size=32))
+    prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert gc.static_logit_error(model, prompt, 4) < 1e-5
+        dec = gc.StaticDecoder(model, prompt, use_graph=False)
+        toks = [int(dec.step()) for _ in range(3)]
+    assert int(dec.pos) == 5 + 3 and len(toks) == 3
+    assert gc.weight_bytes(model) > 0
+
+
+def test_without_cuda_it_exits_cleanly(gc, capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert gc.main([]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
