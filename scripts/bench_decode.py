@@ -49,7 +49,11 @@ SCHEMES: dict[str, QuantConfig | None] = {
     "int8": QuantConfig(scheme="int8"),
     "int4": QuantConfig(scheme="int4", group_size=32),
     "int8da_int4w": QuantConfig(scheme="int8da_int4w", group_size=32),
+    "int4_bf16": QuantConfig(scheme="int4", group_size=32),
 }
+"""``int4_bf16`` (opt-in): packed int4 with the rest of the model in bf16 (activations, norms,
+KV cache, head), as a bf16 model quantized for inference would run."""
+DEFAULT_SCHEMES = ["fp32", "bf16", "int8", "int4", "int8da_int4w"]
 ACCEPT = {"int4": 3.0, "int8": 2.3}
 """Decode speed-up over fp32 each scheme must reach (issue 6)."""
 PREFILL_ACCEPT = 1.3
@@ -110,6 +114,8 @@ def build_models(cfg: ModelConfig, schemes: list[str], seed: int) -> dict[str, G
         else:
             assert qcfg is not None
             models[name] = api.convert(copy.deepcopy(fp), qcfg).eval()  # type: ignore[assignment]
+            if name.endswith("_bf16"):
+                models[name] = models[name].to(torch.bfloat16)
     return models
 
 
@@ -221,6 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "copy_bandwidth_gbs": bw,
         "copy_bandwidth_gbs_runs": [bandwidth, bandwidth_after],
         "load_average": [load_before, os.getloadavg()[0]],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "elapsed_s": time.perf_counter() - t0,
         "baseline": base,
         "rows": rows,
@@ -254,6 +261,7 @@ def show(result: dict[str, Any]) -> None:
             f"{result['prefill_tokens']} tokens; torch {result['torch']}, {result['threads']} threads, "
             f"{result['cpu_capability']}, copy bandwidth {result['copy_bandwidth_gbs']:.1f} GB/s, "
             f"load {result['load_average'][0]:.1f}/{result['load_average'][1]:.1f}"
+            f"{', OMP_WAIT_POLICY=' + result['omp_wait_policy'] if result.get('omp_wait_policy') else ''}"
         )
     )
     cols = ["scheme", "weights MB/token", "decode tok/s", f"x {base}", "best tok/s", f"x {base} (best)",
@@ -281,7 +289,7 @@ def show(result: dict[str, Any]) -> None:
 def main() -> None:
     """CLI entry point."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES),
+    ap.add_argument("--schemes", nargs="+", default=DEFAULT_SCHEMES, choices=list(SCHEMES),
                     help="first one is the baseline of the ratios")
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--width", type=int, default=1024)

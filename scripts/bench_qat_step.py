@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "baseline": base,
         "load_average": [load_before, os.getloadavg()[0]],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "elapsed_s": time.perf_counter() - t_start,
         "rows": rows,
         "step_times_s": times,
@@ -122,6 +123,7 @@ def show(result: dict[str, Any]) -> None:
             f"{m['block_size']}), batch {result['batch']}x{m['block_size']}, median of {result['steps']} interleaved "
             f"steps per arm; torch {result['torch']}, {result['threads']} threads, load "
             f"{result['load_average'][0]:.1f}/{result['load_average'][1]:.1f}"
+            f"{', OMP_WAIT_POLICY=' + result['omp_wait_policy'] if result.get('omp_wait_policy') else ''}"
         )
     )
     for col in ("arm", "median s", "min s", f"x {result['baseline']}", f"x {result['baseline']} (min)",

@@ -71,3 +71,17 @@ def test_too_long_input_is_a_clear_error() -> None:
         assert "model.block_size=16" in str(err)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_dtype_casts_keep_the_complex_rope_table() -> None:
+    """`.to(bfloat16)` must not drop the rotations' sine half; meta-built models get a real table."""
+    m = _model()
+    x = torch.randint(0, 256, (1, 20))
+    b = GPT(m.cfg)
+    b.load_state_dict(m.state_dict())
+    b = b.to(torch.bfloat16)
+    assert b.rope.dtype == torch.complex64 and torch.equal(b.rope, m.rope)
+    with torch.no_grad():
+        torch.testing.assert_close(b(x).float(), m(x), atol=0.05, rtol=0.05)
+    meta = GPT(m.cfg).to("meta")
+    assert meta.rope.is_meta and torch.equal(meta.to_empty(device="cpu").rope, m.rope)
