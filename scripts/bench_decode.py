@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -42,7 +45,7 @@ from qtrain.model import GPT
 from qtrain.quant import api
 from qtrain.quant.packed import Int4Linear, Int8Linear, PackedLinear, kernel_group
 
-console = Console(width=140)
+console = Console(width=180)
 SCHEMES: dict[str, QuantConfig | None] = {
     "fp32": None,
     "bf16": None,
@@ -158,6 +161,47 @@ def time_decode(models: dict[str, GPT], n_tokens: int, repeats: int, prompt_len:
     return result
 
 
+def linear_chain(model: GPT) -> Callable[[], None]:
+    """Every linear of one decode step back to back, fed as a lean harness would feed it.
+
+    Full-precision linears get ``F.linear`` in their own dtype; packed ones their CPU kernel
+    closure with a bf16 ``(1, K)`` input directly (no casts, no module call). The time of this
+    chain is what the step would cost if everything but the linears were free.
+    """
+    calls: list[Callable[[], Any]] = []
+    gen = torch.Generator().manual_seed(2)
+    for m in model.modules():
+        if isinstance(m, PackedLinear):
+            xb = torch.randn(1, m.in_features, generator=gen).bfloat16()
+            fast = m._fast(xb.device)
+            calls.append(functools.partial(fast, xb) if fast is not None else functools.partial(m, xb.float()))
+        elif isinstance(m, nn.Linear):
+            x = torch.randn(1, m.in_features, generator=gen).to(m.weight.dtype)
+            calls.append(functools.partial(F.linear, x, m.weight))
+
+    def run() -> None:
+        for call in calls:
+            call()
+
+    return run
+
+
+def time_linears(models: dict[str, GPT], reps: int) -> dict[str, float]:
+    """Median seconds of each model's :func:`linear_chain`, interleaved."""
+    chains = {n: linear_chain(m) for n, m in models.items()}
+    names = list(chains)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.inference_mode():
+        for r in range(reps + 2):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                t = time.perf_counter()
+                chains[n]()
+                if r >= 2:  # two warm-up rounds
+                    times[n].append(time.perf_counter() - t)
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
 def time_prefill(models: dict[str, GPT], n_tokens: int, repeats: int) -> dict[str, Any]:
     """Interleaved one-forward prefill of an ``n_tokens`` prompt: median seconds per scheme."""
     x = torch.randint(0, 256, (1, n_tokens), generator=torch.Generator().manual_seed(1))
@@ -198,6 +242,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     bandwidth = copy_bandwidth()
     decode = time_decode(models, n_tokens, args.repeats, args.prompt)
+    linears = time_linears(models, args.linear_reps) if args.linear_reps > 0 else {}
     pre = time_prefill(models, prefill, args.prefill_repeats) if prefill > 0 else {}
     bandwidth_after = copy_bandwidth()
     bw = max(bandwidth, bandwidth_after)  # the less disturbed of the two measurements
@@ -211,6 +256,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["fraction_of_bound"] = d["decode_tokens_per_s"] / bound
         row["speedup_vs_" + base] = d["decode_tokens_per_s"] / decode[base]["decode_tokens_per_s"]
         row["speedup_vs_" + base + "_best"] = d["decode_tokens_per_s_best"] / decode[base]["decode_tokens_per_s_best"]
+        if linears:
+            row["linears_only_tokens_per_s"] = 1.0 / linears[n]
+            row["linears_only_speedup_vs_" + base] = linears[base] / linears[n]
+            row["harness_overhead"] = 1.0 - linears[n] * d["decode_tokens_per_s"]
         if pre:
             row.update(pre[n])
             row["prefill_time_vs_" + base] = pre[n]["prefill_s"] / pre[base]["prefill_s"]
@@ -265,7 +314,8 @@ def show(result: dict[str, Any]) -> None:
         )
     )
     cols = ["scheme", "weights MB/token", "decode tok/s", f"x {base}", "best tok/s", f"x {base} (best)",
-            "bound tok/s", "% of bound", "prefill tok/s", f"prefill time x {base}"]
+            "linears only tok/s", f"x {base} (linears)", "harness overhead", "bound tok/s", "% of bound",
+            "prefill tok/s", f"prefill time x {base}"]
     for c in cols:
         table.add_column(c, justify="right")
     for r in result["rows"]:
@@ -276,6 +326,9 @@ def show(result: dict[str, Any]) -> None:
             f"{r['speedup_vs_' + base]:.2f}",
             f"{r['decode_tokens_per_s_best']:.1f}",
             f"{r['speedup_vs_' + base + '_best']:.2f}",
+            f"{r['linears_only_tokens_per_s']:.1f}" if "linears_only_tokens_per_s" in r else "",
+            f"{r['linears_only_speedup_vs_' + base]:.2f}" if "linears_only_tokens_per_s" in r else "",
+            f"{100 * r['harness_overhead']:.0f}%" if "harness_overhead" in r else "",
             f"{r['bound_tokens_per_s']:.0f}",
             f"{100 * r['fraction_of_bound']:.0f}%",
             f"{r['prefill_tokens_per_s']:.0f}" if "prefill_tokens_per_s" in r else "",
@@ -299,6 +352,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256, help="new tokens per repeat")
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens (prefilled, untimed)")
     ap.add_argument("--repeats", type=int, default=3, help="timed decode repeats (after a 16-token warm-up)")
+    ap.add_argument("--linear-reps", type=int, default=30,
+                    help="repeats of the linears-only chain per scheme (0: skip)")
     ap.add_argument("--prefill", type=int, default=512, help="prefill prompt length (0: skip)")
     ap.add_argument("--prefill-repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
