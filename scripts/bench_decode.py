@@ -122,14 +122,22 @@ def build_models(cfg: ModelConfig, schemes: list[str], seed: int) -> dict[str, G
     return models
 
 
-def time_decode(models: dict[str, GPT], n_tokens: int, repeats: int, prompt_len: int) -> dict[str, Any]:
-    """Interleaved decode: per scheme, per repeat, per position step seconds."""
+def time_decode(
+    models: dict[str, GPT], n_tokens: int, repeats: int, prompt_len: int, chain_every: int = 0
+) -> dict[str, Any]:
+    """Interleaved decode: per scheme, per repeat, per position step seconds.
+
+    With ``chain_every > 0``, every that many positions each scheme's :func:`linear_chain`
+    is timed too, in the same rotation, so step and chain times see the same machine load.
+    """
     prompt = torch.randint(0, 256, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     names = list(models)
     steps: dict[str, list[list[float]]] = {n: [] for n in names}
+    chain_times: dict[str, list[float]] = {n: [] for n in names}
     tokens: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         decs = {n: GreedyDecoder(m, prompt) for n, m in models.items()}
+        chains = {n: linear_chain(m) for n, m in models.items()} if chain_every > 0 else {}
         for r in range(repeats + 1):
             warm = r == 0
             count = min(16, n_tokens) if warm else n_tokens
@@ -139,10 +147,17 @@ def time_decode(models: dict[str, GPT], n_tokens: int, repeats: int, prompt_len:
             out: dict[str, list[torch.Tensor]] = {n: [] for n in names}
             for i in range(count):
                 k = i % len(names)
-                for n in names[k:] + names[:k]:
+                order = names[k:] + names[:k]
+                for n in order:
                     t = time.perf_counter()
                     out[n].append(decs[n].step())
                     run[n][i] = time.perf_counter() - t
+                if chains and i % chain_every == 0:
+                    for n in order:
+                        t = time.perf_counter()
+                        chains[n]()
+                        if not warm:
+                            chain_times[n].append(time.perf_counter() - t)
             if not warm:
                 for n in names:
                     steps[n].append(run[n])
@@ -158,6 +173,13 @@ def time_decode(models: dict[str, GPT], n_tokens: int, repeats: int, prompt_len:
             "decode_tokens_per_s_best": n_tokens / sum(best),
             "greedy_agreement_with_" + names[0]: agree,
         }
+        if chain_times[n]:
+            step_med = statistics.median(t for ts in steps[n] for t in ts)
+            chain_med = statistics.median(chain_times[n])
+            result[n]["step_s_median"] = step_med
+            result[n]["linears_only_s_median"] = chain_med
+            result[n]["linears_only_tokens_per_s"] = 1.0 / chain_med
+            result[n]["harness_overhead"] = 1.0 - chain_med / step_med
     return result
 
 
@@ -184,22 +206,6 @@ def linear_chain(model: GPT) -> Callable[[], None]:
             call()
 
     return run
-
-
-def time_linears(models: dict[str, GPT], reps: int) -> dict[str, float]:
-    """Median seconds of each model's :func:`linear_chain`, interleaved."""
-    chains = {n: linear_chain(m) for n, m in models.items()}
-    names = list(chains)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    with torch.inference_mode():
-        for r in range(reps + 2):
-            k = r % len(names)
-            for n in names[k:] + names[:k]:
-                t = time.perf_counter()
-                chains[n]()
-                if r >= 2:  # two warm-up rounds
-                    times[n].append(time.perf_counter() - t)
-    return {n: statistics.median(ts) for n, ts in times.items()}
 
 
 def time_prefill(models: dict[str, GPT], n_tokens: int, repeats: int) -> dict[str, Any]:
@@ -241,8 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models = build_models(cfg, args.schemes, args.seed)
     load_before = os.getloadavg()[0]
     bandwidth = copy_bandwidth()
-    decode = time_decode(models, n_tokens, args.repeats, args.prompt)
-    linears = time_linears(models, args.linear_reps) if args.linear_reps > 0 else {}
+    decode = time_decode(models, n_tokens, args.repeats, args.prompt, args.chain_every)
     pre = time_prefill(models, prefill, args.prefill_repeats) if prefill > 0 else {}
     bandwidth_after = copy_bandwidth()
     bw = max(bandwidth, bandwidth_after)  # the less disturbed of the two measurements
@@ -256,10 +261,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row["fraction_of_bound"] = d["decode_tokens_per_s"] / bound
         row["speedup_vs_" + base] = d["decode_tokens_per_s"] / decode[base]["decode_tokens_per_s"]
         row["speedup_vs_" + base + "_best"] = d["decode_tokens_per_s_best"] / decode[base]["decode_tokens_per_s_best"]
-        if linears:
-            row["linears_only_tokens_per_s"] = 1.0 / linears[n]
-            row["linears_only_speedup_vs_" + base] = linears[base] / linears[n]
-            row["harness_overhead"] = 1.0 - linears[n] * d["decode_tokens_per_s"]
+        if "linears_only_s_median" in d:
+            row["linears_only_speedup_vs_" + base] = (
+                decode[base]["linears_only_s_median"] / d["linears_only_s_median"]
+            )
         if pre:
             row.update(pre[n])
             row["prefill_time_vs_" + base] = pre[n]["prefill_s"] / pre[base]["prefill_s"]
@@ -352,8 +357,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256, help="new tokens per repeat")
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens (prefilled, untimed)")
     ap.add_argument("--repeats", type=int, default=3, help="timed decode repeats (after a 16-token warm-up)")
-    ap.add_argument("--linear-reps", type=int, default=30,
-                    help="repeats of the linears-only chain per scheme (0: skip)")
+    ap.add_argument("--chain-every", type=int, default=8,
+                    help="time each scheme's linears-only chain every N positions (0: skip)")
     ap.add_argument("--prefill", type=int, default=512, help="prefill prompt length (0: skip)")
     ap.add_argument("--prefill-repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")

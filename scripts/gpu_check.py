@@ -28,12 +28,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import signal
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +119,8 @@ def check_kernels(
         for n, k in shapes:
             if spec.group_size > 0 and k % spec.group_size:
                 continue
-            w = torch.randn(n, k, generator=gen) * 0.05
-            mod = cls.from_float(w, spec, name=name).to(device)
+            w = (torch.randn(n, k, generator=gen) * 0.05).to(device)  # quantized on the device
+            mod = cls.from_float(w, spec, name=name)
             w_hat = mod.dequantize()
             for m in rows:
                 x = (torch.randn(m, k, generator=gen) + 0.5).to(device)
@@ -157,11 +159,11 @@ def time_layers(device: torch.device, shapes: list[tuple[int, int]], reps: int) 
     gen = torch.Generator().manual_seed(1)
     out = []
     for n, k in shapes:
-        w = torch.randn(n, k, generator=gen) * 0.05
+        w = (torch.randn(n, k, generator=gen) * 0.05).to(device)
         x = torch.randn(1, k, generator=gen).to(device, torch.bfloat16)
-        wb = w.to(device, torch.bfloat16)
-        q8 = Int8Linear.from_float(w, KERNEL_SPECS["int8"]).to(device)
-        q4 = Int4Linear.from_float(w, KERNEL_SPECS["int4 g32"]).to(device)
+        wb = w.to(torch.bfloat16)
+        q8 = Int8Linear.from_float(w, KERNEL_SPECS["int8"])
+        q4 = Int4Linear.from_float(w, KERNEL_SPECS["int4 g32"])
         with torch.inference_mode():
             t = {
                 "bf16": time_fn(lambda: F.linear(x, wb), device, reps),  # noqa: B023 - called right here
@@ -390,25 +392,71 @@ def qat_trainer(
     return Trainer(model, tcfg, sampler, device, hooks=hooks, param_groups=groups, compile_model=compiled)
 
 
-def bench_qat(cfg: ModelConfig, device: torch.device, batch: int, steps: int, compile_modes: list[bool]) -> list[dict]:
-    """Median step time of fp and int4 g32 QAT, eager and compiled; ratio to fp in the same mode."""
+class ArmTimeout(Exception):
+    """An arm ran past its time limit."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`ArmTimeout` in the main thread after ``seconds`` (POSIX; no-op elsewhere)."""
+    if seconds <= 0 or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def alarm(*_: Any) -> None:
+        raise ArmTimeout(f"over its {seconds:.0f} s limit")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def bench_qat(
+    cfg: ModelConfig,
+    device: torch.device,
+    batch: int,
+    steps: int,
+    compile_modes: list[bool],
+    arm_limit_s: float = 0,
+    deadline: float | None = None,
+) -> list[dict]:
+    """Median step time of fp and int4 g32 QAT, eager and compiled; ratio to fp in the same mode.
+
+    Each arm (compilation included) gets ``arm_limit_s`` seconds (0: no limit), and no more
+    than its share of the time left before ``deadline`` (a ``time.perf_counter()`` value); one
+    that runs over, or fails, is reported with its error instead of stopping the check.
+    """
     rows = []
-    for compiled in compile_modes:
-        times: dict[str, float] = {}
-        for name, qcfg in (("fp", None), ("int4 g32", QuantConfig(scheme="int4", group_size=32))):
-            row: dict[str, Any] = {"arm": name, "compile": compiled}
-            try:
+    arms = [(c, n, q) for c in compile_modes for n, q in (("fp", None), ("int4 g32", QuantConfig("int4", 32)))]
+    times: dict[tuple[bool, str], float] = {}
+    for i, (compiled, name, qcfg) in enumerate(arms):
+        row: dict[str, Any] = {"arm": name, "compile": compiled}
+        limit = arm_limit_s
+        if deadline is not None:
+            share = (deadline - time.perf_counter()) / (len(arms) - i)
+            limit = min(limit, share) if limit > 0 else share
+            if limit < 5:
+                row["error"] = "skipped: over the time budget"
+                rows.append(row)
+                continue
+        try:
+            with time_limit(limit):
                 trainer = qat_trainer(cfg, qcfg, batch, device, compiled)
                 t0 = time.perf_counter()
                 for _ in range(3):  # warm-up (and compilation)
                     trainer.train_step()
                 row["warmup_s"] = time.perf_counter() - t0
-                times[name] = time_fn(trainer.train_step, device, reps=steps, warmup=0)
-                row["step_ms"] = times[name] * 1e3
-                row["ratio_vs_fp"] = times[name] / times["fp"] if "fp" in times else None
-            except Exception as err:  # noqa: BLE001 - report it in the table, keep checking
-                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
-            rows.append(row)
+                times[compiled, name] = time_fn(trainer.train_step, device, reps=steps, warmup=0)
+            row["step_ms"] = times[compiled, name] * 1e3
+            fp = times.get((compiled, "fp"))
+            row["ratio_vs_fp"] = times[compiled, name] / fp if fp else None
+        except Exception as err:  # noqa: BLE001 - report it in the table, keep checking
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+        rows.append(row)
     return rows
 
 
@@ -432,6 +480,8 @@ def show(result: dict[str, Any]) -> None:
     for r in result.get("layers", []):
         t.add_row("layer time, 1 row", f"N={r['N']} K={r['K']}",
                   "  ".join(f"{k[:-3]} {v:.1f} us" for k, v in r.items() if k.endswith("_us")))
+    if result.get("decode_error"):
+        t.add_row("decode / prefill", "failed", f"[red]{result['decode_error']}[/red]")
     dec = result.get("decode")
     if dec:
         for r in dec["rows"]:
@@ -478,14 +528,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if within_budget("decode/prefill"):
         schemes = list(DECODE_SCHEMES) if args.all_schemes else ["bf16", "int8", "int4 g32"]
-        result["decode"] = bench_decode(cfg, device, schemes, args.tokens if not dry else 4,
-                                        512 if not dry else 32, use_graph=not dry)
+        try:
+            result["decode"] = bench_decode(cfg, device, schemes, args.tokens if not dry else 4,
+                                            512 if not dry else 32, use_graph=not dry)
+        except Exception as err:  # noqa: BLE001 - report it, go on to the QAT section
+            result["decode_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
         if not dry:
             torch.cuda.empty_cache()
     if within_budget("QAT step"):
         qcfg = MODEL_SMALL if not dry else MODEL_DRY
         result["qat"] = bench_qat(qcfg, device, args.qat_batch if not dry else 2, args.qat_steps if not dry else 1,
-                                  [False, True] if not dry else [False])
+                                  [False, True] if not dry else [False], arm_limit_s=args.arm_limit_s,
+                                  deadline=t0 + args.total_s)
     result["elapsed_s"] = time.perf_counter() - t0
     result["kernel_failures"] = sum(not r["ok"] for r in result["kernels"])
     return result
@@ -499,7 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all-schemes", action="store_true", help="also decode int8da_int4w")
     ap.add_argument("--qat-batch", type=int, default=16)
     ap.add_argument("--qat-steps", type=int, default=20)
-    ap.add_argument("--budget-s", type=float, default=240.0, help="skip later sections once this much has passed")
+    ap.add_argument("--budget-s", type=float, default=150.0, help="skip later sections once this much has passed")
+    ap.add_argument("--total-s", type=float, default=270.0, help="QAT arms share what is left of this")
+    ap.add_argument("--arm-limit-s", type=float, default=90.0,
+                    help="time limit of one QAT arm, torch.compile included (0: none)")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

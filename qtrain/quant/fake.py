@@ -169,7 +169,7 @@ class FakeQuantLinear(nn.Module):
         g = in_features if spec.group_size == -1 else spec.group_size
         self.grad_scale = 1.0 / math.sqrt(g * q_pos)
         self._flag_key: tuple[int, ...] = ()
-        self._flag_val = (True, False, False)
+        self._flag_val = (True, spec.activations == "int8", False)
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -210,6 +210,7 @@ class FakeQuantLinear(nn.Module):
             fq._set_qparams(scales, zeros)
         if explicit and not learn_scales:
             fq.frozen.fill_(True)
+        fq._flags()
         return fq
 
     @classmethod
@@ -233,6 +234,7 @@ class FakeQuantLinear(nn.Module):
         fq._set_qparams(packed.scales, packed.zeros)  # type: ignore[arg-type]
         if not learn_scales:
             fq.frozen.fill_(True)
+        fq._flags()
         return fq
 
     def to_linear(self) -> nn.Linear:
@@ -251,7 +253,16 @@ class FakeQuantLinear(nn.Module):
 
     # -- flags ------------------------------------------------------------------------------
     def _flags(self) -> tuple[bool, bool, bool]:
-        """(weight_enabled, act_enabled, frozen) as Python bools, re-read only on change."""
+        """(weight_enabled, act_enabled, frozen) as Python bools, re-read only on change.
+
+        Eagerly, a change of the flag buffers (by the methods below, ``load_state_dict`` or
+        a direct ``fill_``) is noticed through their version counters. Under
+        ``torch.compile`` the cached bools are constants of the graph (guarded, so a change
+        made through :meth:`enable`, :meth:`freeze` or ``load_state_dict`` recompiles) and no
+        tensor is read, which would break the graph at every layer.
+        """
+        if torch.compiler.is_compiling():
+            return self._flag_val
         bufs = (self.weight_enabled, self.act_enabled, self.frozen)
         key = tuple(x for b in bufs for x in (b.data_ptr(), b._version))
         if key != self._flag_key:
@@ -275,6 +286,7 @@ class FakeQuantLinear(nn.Module):
             self.weight_enabled.fill_(weight)
         if activations is not None:
             self.act_enabled.fill_(activations)
+        self._flags()
 
     def freeze(self) -> None:
         """Fix the scales (and zeros) at their current effective bf16 values.
@@ -287,6 +299,11 @@ class FakeQuantLinear(nn.Module):
         self.frozen.fill_(True)
         if isinstance(self.scales, nn.Parameter):
             self.scales.requires_grad_(False)
+        self._flags()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._flags()  # refresh the cached bools (a compiled forward reads only those)
 
     # -- quantization -----------------------------------------------------------------------
     def qparams(self) -> tuple[Tensor, Tensor | None]:

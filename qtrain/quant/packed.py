@@ -26,8 +26,9 @@ Kernels (``kernel="auto"``; ``"reference"`` forces the oracle):
   CPU than these kernels, so it is used (transiently, per call).
 - CUDA: int4 uses tinygemm ``aten._weight_int4pack_mm`` (bf16) for at most
   ``CUDA_TINYGEMM_MAX_ROWS`` rows, dequantize to bf16 + matmul above; int8 weights with int8
-  activations use ``torch._int_mm`` (int8 x int8 -> int32, then both scales) above 16 rows,
-  otherwise dequantize to bf16 + matmul.
+  activations use ``torch._int_mm`` (int8 x int8 -> int32, then both scales) above 16 rows;
+  int8 at most ``GEMV_MAX_ROWS`` rows uses a ``torch.compile``-fused dequantize-GEMV
+  (:func:`int8_gemv`); otherwise dequantize to bf16 + matmul.
 - int8 dynamic activations (``spec.activations == "int8"``): the input is quantized per token
   and dequantized (the same primitive as fake-quant), then the weight path runs (on CPU there
   is no int8 x int4 kernel; the int4 kernel gets the dequantized bf16 activations).
@@ -66,8 +67,56 @@ everywhere, the reference wins for model-sized layers from about 128 to 256 rows
 CUDA_TINYGEMM_MAX_ROWS = 64
 """Rows up to which tinygemm is used on CUDA; dequantize + bf16 matmul above."""
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
+GEMV_MAX_ROWS = 16
+"""Rows up to which CUDA int8 weight-only layers use the compiled fused GEMV (:func:`int8_gemv`)."""
 
 FastPath = Callable[[Tensor], Tensor | None]
+
+
+def _int8_gemv_math(x: Tensor, w: Tensor, s_row: Tensor) -> Tensor:
+    """``(x @ w.T) * s_row`` as a broadcast multiply and a K reduction (fp32 accumulation).
+
+    Eagerly this would materialise ``M x N x K`` products; compiled, Inductor fuses it into
+    one reduction kernel that reads each int8 weight once (half the bytes of a bf16 weight),
+    which cuBLAS cannot do for a mixed int8/bf16 product.
+    """
+    prod = x.unsqueeze(1).float() * w.unsqueeze(0).float()  # (M, N, K)
+    return prod.sum(-1) * s_row
+
+
+_GEMV: dict[str, Callable[..., Tensor] | None] = {}
+
+
+def int8_gemv(x: Tensor, w: Tensor, s_row: Tensor) -> Tensor | None:
+    """Fused int8-weight GEMV through ``torch.compile`` (CUDA decode), or None when unavailable.
+
+    The compiled function is built once per process (dynamic shapes: one kernel serves every
+    layer); if compiling fails the failure is logged once and callers use their fallback.
+
+    Args:
+        x: ``(M, K)`` bf16 activations, M small.
+        w: ``(N, K)`` int8 codes.
+        s_row: ``(1, N)`` fp32 per-channel scales.
+
+    Returns:
+        ``(M, N)`` fp32, or None.
+    """
+    if "fn" not in _GEMV:
+        try:
+            opts = {"coordinate_descent_tuning": True}  # GEMV configs near peak bandwidth
+            _GEMV["fn"] = torch.compile(_int8_gemv_math, dynamic=True, fullgraph=True, options=opts)
+        except Exception as err:  # noqa: BLE001 - no compiler here: use the fallback
+            log.info("int8 GEMV: torch.compile unavailable (%s); using dequantize + matmul", err)
+            _GEMV["fn"] = None
+    fn = _GEMV["fn"]
+    if fn is None:
+        return None
+    try:
+        return fn(x, w, s_row)
+    except Exception as err:  # noqa: BLE001 - e.g. no Triton / C compiler: fall back from now on
+        log.info("int8 GEMV: compiled kernel failed (%s); using dequantize + matmul", str(err).splitlines()[0][:200])
+        _GEMV["fn"] = None
+        return None
 
 
 def check_kernel(kernel: str) -> str:
@@ -335,7 +384,9 @@ class Int8Linear(PackedLinear):
         return run_cpu
 
     def _build_cuda(self) -> FastPath:
-        """int8 x int8 ``torch._int_mm`` with int8 activations (M > 16), else bf16 dequant + matmul."""
+        """int8 x int8 ``torch._int_mm`` with int8 activations (M > 16); a compiled fused
+        dequantize-GEMV reading the int8 weight directly for decode (M <= 16); else bf16
+        dequantize + matmul."""
         w, scales, act = self.weight_int8, self.scales, self._act_int8
         int_mm_ok = act and self.in_features % 8 == 0 and self.out_features % 8 == 0
         w_t = w.t()  # (K, N) column-major view, the layout cuBLAS int8 GEMM wants
@@ -347,6 +398,10 @@ class Int8Linear(PackedLinear):
                 acc = torch._int_mm(codes.contiguous(), w_t)  # int32 (M, N)
                 return (acc.float() * sx.float() * s_row).to(x2.dtype)
             xq = P.fake_quantize_per_token(x2) if act else x2
+            if x2.shape[0] <= GEMV_MAX_ROWS:
+                y = int8_gemv(xq.to(torch.bfloat16), w, s_row)
+                if y is not None:
+                    return y.to(x2.dtype)
             wb = w.to(torch.bfloat16) * scales  # (N, K) bf16, transient
             return F.linear(xq.to(torch.bfloat16), wb).to(x2.dtype)
 

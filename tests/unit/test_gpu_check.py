@@ -55,3 +55,19 @@ def test_without_cuda_it_exits_cleanly(gc, capsys: pytest.CaptureFixture[str]) -
         pytest.skip("a GPU is present")
     assert gc.main([]) == 0
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_a_slow_or_failing_qat_arm_is_reported_not_raised(gc, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    with pytest.raises(gc.ArmTimeout), gc.time_limit(0.05):
+        time.sleep(2)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("compile failed\nwith details")
+
+    monkeypatch.setattr(gc, "qat_trainer", broken)
+    rows = gc.bench_qat(gc.MODEL_DRY, torch.device("cpu"), 1, 1, [False, True], arm_limit_s=5)
+    assert len(rows) == 4 and all(r["error"] == "RuntimeError: compile failed" for r in rows)
+    late = gc.bench_qat(gc.MODEL_DRY, torch.device("cpu"), 1, 1, [False], deadline=time.perf_counter())
+    assert [r["error"] for r in late] == ["skipped: over the time budget"] * 2

@@ -89,6 +89,22 @@ def test_flags_switch_and_live_in_state_dict() -> None:
     assert not torch.equal(other(x), fq(x))
 
 
+def test_compiled_forward_has_no_graph_break_and_follows_flag_changes() -> None:
+    spec = SPECS[-1]  # weight and activation fake quant
+    fq = FakeQuantLinear.from_linear(_linear(), spec)
+    x = _x()
+    explained = torch._dynamo.explain(fq)(x)
+    assert explained.graph_break_count == 0
+    torch._dynamo.reset()
+    compiled = torch.compile(fq, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(x), fq(x))
+        fq.enable(weight=False, activations=False)  # as the schedule does between steps
+        assert torch.equal(compiled(x), F.linear(x, fq.weight))
+        fq.load_state_dict({**fq.state_dict(), "weight_enabled": torch.tensor(True)})
+        assert torch.equal(compiled(x), fq(x)) and not torch.equal(compiled(x), F.linear(x, fq.weight))
+
+
 def test_dynamic_scales_record_the_last_forward() -> None:
     lin = _linear()
     fq = FakeQuantLinear.from_linear(lin, SPECS[2])
