@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +103,7 @@ def int8_gemv(x: Tensor, w: Tensor, s_row: Tensor) -> Tensor | None:
     """
     if "fn" not in _GEMV:
         try:
-            opts = {"coordinate_descent_tuning": True}  # GEMV configs near peak bandwidth
+            opts: dict[str, str | int | bool | Callable[..., Any]] = {"coordinate_descent_tuning": True}
             _GEMV["fn"] = torch.compile(_int8_gemv_math, dynamic=True, fullgraph=True, options=opts)
         except Exception as err:  # noqa: BLE001 - no compiler here: use the fallback
             log.info("int8 GEMV: torch.compile unavailable (%s); using dequantize + matmul", err)
