@@ -184,11 +184,11 @@ class EvalConfig:
     """Evaluation extras."""
 
     decode_tokens: int = 64
-    """Tokens generated when timing decode."""
+    """Tokens generated when timing decode (eval, and the packed result of ptq/qat/finetune; 0: skip)."""
     decode_repeats: int = 3
     """Timed repeats (median reported)."""
     prefill_tokens: int = 512
-    """Prompt length for the prefill timing (capped at the context)."""
+    """Prompt length for the prefill timing (capped at the context; 0: skip)."""
 
 
 @dataclass
@@ -271,6 +271,10 @@ def validate(cfg: RunConfig) -> list[str]:
     _check(p, cfg.qat.act_start_step >= 0, "qat.act_start_step", f"must be >= 0 (got {cfg.qat.act_start_step})")
     _check(p, cfg.qat.scale_lr > 0, "qat.scale_lr", f"must be > 0 (got {cfg.qat.scale_lr})")
     _check(p, cfg.qat.distill_temperature > 0, "qat.distill_temperature", "must be > 0")
+    ev = cfg.eval
+    _check(p, ev.decode_tokens >= 0, "eval.decode_tokens", f"must be >= 0 (0: skip; got {ev.decode_tokens})")
+    _check(p, ev.decode_repeats > 0, "eval.decode_repeats", f"must be > 0 (got {ev.decode_repeats})")
+    _check(p, ev.prefill_tokens >= 0, "eval.prefill_tokens", f"must be >= 0 (0: skip; got {ev.prefill_tokens})")
     _check(p, cfg.generate.max_new_tokens >= 0, "generate.max_new_tokens", "must be >= 0")
     _check(p, cfg.generate.temperature >= 0, "generate.temperature", "must be >= 0")
     _validate_mode_inputs(p, cfg)

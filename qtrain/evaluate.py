@@ -190,7 +190,7 @@ class GreedyDecoder:
             ValueError: the context is full.
         """
         nxt = self.logits.argmax(-1, keepdim=True)
-        self.logits = self.model(nxt, self.cache, self.pos)[:, -1]
+        self.logits = self.model.decode_step(nxt, self.cache, self.pos)
         self.pos += 1
         return nxt
 

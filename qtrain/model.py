@@ -88,6 +88,11 @@ class Attention(nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, c))
 
 
+def _rms(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` without the module call (the decode path runs 2 per layer per token)."""
+    return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward with a fused gate/up projection."""
 
@@ -114,6 +119,26 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rot: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rot, cache, start)
         return x + self.mlp(self.mlp_norm(x))
+
+    def decode(self, x: torch.Tensor, rot: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, pos: int) -> torch.Tensor:
+        """One new token per sequence: ``x`` (B, C) at position ``pos``; updates the layer's cache.
+
+        The same math as :meth:`forward` with a cache and ``T = 1`` (rotary in float32, keys and
+        values written at ``pos``, attention over ``0..pos``), in about half the tensor ops: at
+        decode every op is a fixed cost paid per layer per token.
+        """
+        attn, mlp = self.attn, self.mlp
+        b, c = x.shape
+        h, d = attn.n_head, attn.head_dim
+        qkv = attn.qkv(_rms(self.attn_norm, x))  # (B, 3C)
+        pairs = torch.view_as_complex(qkv[:, : 2 * c].float().reshape(b, 2, h, d // 2, 2))
+        qk = torch.view_as_real(pairs * rot).reshape(b, 2, h, 1, d).to(ck.dtype)
+        ck[:, :, pos] = qk[:, 1, :, 0]
+        cv[:, :, pos] = qkv[:, 2 * c :].reshape(b, h, d)
+        y = F.scaled_dot_product_attention(qk[:, 0], ck[:, :, : pos + 1], cv[:, :, : pos + 1])  # (B, H, 1, D)
+        x = x + attn.out(y.reshape(b, c))
+        gate, up = mlp.gate_up(_rms(self.mlp_norm, x)).chunk(2, dim=-1)
+        return x + mlp.down(F.silu(gate) * up)
 
 
 class GPT(nn.Module):
@@ -174,6 +199,20 @@ class GPT(nn.Module):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
             x = block(x, rot, layer_cache, start)
         return self.lm_head(self.norm(x))
+
+    def decode_step(self, idx: torch.Tensor, cache: KVCache, pos: int) -> torch.Tensor:
+        """Logits (B, vocab) of one new token per sequence, ``idx`` (B, 1) at position ``pos``.
+
+        Equal (to float rounding) to ``self(idx, cache, pos)[:, -1]``, through
+        :meth:`Block.decode`; the loop that decoding tokens/s measures.
+        """
+        if pos + 1 > self.cfg.block_size:
+            raise ValueError(f"sequence of {pos + 1} tokens exceeds model.block_size={self.cfg.block_size}")
+        rot = self.get_buffer("rope")[pos]  # (D/2,) complex
+        x = self.tok_emb(idx[:, -1])  # (B, C)
+        for i, block in enumerate(self.blocks):
+            x = block.decode(x, rot, cache.k[i], cache.v[i], pos)  # type: ignore[operator]
+        return self.lm_head(_rms(self.norm, x))
 
     def n_params(self) -> int:
         """Parameter count with tied weights counted once (packed buffers included by numel)."""

@@ -22,7 +22,7 @@ from qtrain.config import QuantConfig, RunConfig
 from qtrain.console import info, rank
 from qtrain.data import BatchSampler, Corpus
 from qtrain.errors import ConfigError
-from qtrain.evaluate import perplexity
+from qtrain.evaluate import decode_speed, perplexity
 from qtrain.model import GPT
 from qtrain.quant import api
 from qtrain.quant.hooks import HookSet, build_hooks
@@ -108,6 +108,9 @@ def _quant_report(
 ) -> dict[str, Any]:
     report = base_report(ctx, model, step, vloss, path, {**asdict(qcfg), "method": method})
     report.update(quant_bits(model))
+    ev = ctx.cfg.eval
+    if ev.decode_tokens > 0 and isinstance(model, GPT):  # the shipped (packed) model's speed
+        report.update(decode_speed(model, ev.decode_tokens, ev.decode_repeats))
     if ref_loss is not None:
         report["reference_val_loss"] = ref_loss
         report["reference_val_ppl"] = perplexity(ref_loss)

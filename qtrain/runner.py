@@ -159,11 +159,15 @@ def try_resume(ctx: RunContext, model: nn.Module, trainer: Trainer) -> bool:
     ckpt = ck.load_checkpoint(found)
     mismatch = ck.scheme_mismatch(ckpt.manifest.get("quant"), api.layer_specs(model))
     if mismatch:  # never a silent load of another scheme's codes and scales (shapes can coincide)
-        raise ConfigError(f"resume: {found} {mismatch}. Re-run with the checkpoint's quant settings, "
-                          f"or start a new run dir (hydra.run.dir=...)")
+        raise ConfigError(
+            f"resume: {found} {mismatch}. Re-run with the checkpoint's quant settings, "
+            f"or start a new run dir (hydra.run.dir=...)"
+        )
     if "trainer" not in ckpt.trainer_meta:
-        raise CheckpointError(f"resume: {found} holds no trainer state (a final converted checkpoint?); "
-                              f"use it with init_from= in a new run dir instead")
+        raise CheckpointError(
+            f"resume: {found} holds no trainer state (a final converted checkpoint?); "
+            f"use it with init_from= in a new run dir instead"
+        )
     try:
         model.load_state_dict(ckpt.model_state, strict=True)
     except RuntimeError as err:
@@ -255,8 +259,10 @@ def run_eval(ctx: RunContext) -> dict[str, Any]:
     vloss = eval_fn_for(ctx, corpus, model.cfg.block_size)(model)
     report = base_report(ctx, model, ckpt.manifest["step"], vloss, ckpt.path, ckpt.manifest.get("quant"))
     ev = ctx.cfg.eval
-    report.update(decode_speed(model, ev.decode_tokens, ev.decode_repeats))
-    report.update(prefill_speed(model, ev.prefill_tokens, ev.decode_repeats))
+    if ev.decode_tokens > 0:
+        report.update(decode_speed(model, ev.decode_tokens, ev.decode_repeats))
+    if ev.prefill_tokens > 0:
+        report.update(prefill_speed(model, ev.prefill_tokens, ev.decode_repeats))
     if ctx.cfg.compare_to:
         from qtrain.evaluate import compare
 

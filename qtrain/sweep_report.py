@@ -14,7 +14,8 @@ Columns: scheme, method, validation perplexity, perplexity relative to the run's
 reference (PTQ, and QAT/finetune with `init_from`), recovered % for each QAT run against a
 PTQ run of the same model and scheme (`(ppl_PTQ - ppl_QAT) / (ppl_PTQ - ppl_fp)`, with the PTQ
 run's reference as `ppl_fp`; PTQ `rtn` preferred, else the best PTQ), checkpoint bytes, bits
-per weight, decode tokens/s (from `mode=eval` runs) and the job's status.
+per weight, decode tokens/s (measured by `mode=eval` and on the packed result of
+ptq/qat/finetune) and the job's status.
 
 Example:
     >>> qtrain -m mode=qat model=small quant=int8,int4 hydra.sweep.dir=bench_out/sweep
@@ -368,8 +369,15 @@ def rows_table(rows: list[Row], title: str = "qtrain report") -> Table:
     """The rich table of the rows."""
     table = Table(title=title, show_header=True, header_style="bold")
     for col, justify in (
-        ("job", "left"), ("scheme", "left"), ("method", "left"), ("val ppl", "right"), ("vs ref", "right"),
-        ("recovered", "right"), ("ckpt MB", "right"), ("bits/w", "right"), ("decode tok/s", "right"),
+        ("job", "left"),
+        ("scheme", "left"),
+        ("method", "left"),
+        ("val ppl", "right"),
+        ("vs ref", "right"),
+        ("recovered", "right"),
+        ("ckpt MB", "right"),
+        ("bits/w", "right"),
+        ("decode tok/s", "right"),
         ("status", "left"),
     ):
         table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]
@@ -442,8 +450,13 @@ def write_plot(path: Path, rows: list[Row], jobs: list[Job]) -> Path:
         if not r.ok or r.val_ppl is None or r.bits_per_weight is None:
             continue
         ax_q.scatter(r.bits_per_weight, r.val_ppl, marker=markers.get(r.mode or "", "x"), s=50)
-        ax_q.annotate(f"{r.scheme} {r.method}", (r.bits_per_weight, r.val_ppl), fontsize=7,
-                      xytext=(4, 3), textcoords="offset points")
+        ax_q.annotate(
+            f"{r.scheme} {r.method}",
+            (r.bits_per_weight, r.val_ppl),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
     ax_q.set_xlabel("stored bits per quantized weight (scales and zeros included)")
     ax_q.set_ylabel("validation perplexity")
     ax_q.set_title("quality vs size")

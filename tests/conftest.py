@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 # A model small enough that a few training steps take well under a second.
 SHRINK = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.mlp_hidden=64", "model.block_size=32",
-          "train.batch_size=4", "data.val_windows=4", "train.warmup_steps=2"]
+          "train.batch_size=4", "data.val_windows=4", "train.warmup_steps=2", "eval.decode_tokens=8"]
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

@@ -210,14 +210,22 @@ class _Stop(Exception):
 
 
 class _HessianHook:
-    """Accumulates ``sum X^T X`` and the row count of a module's inputs."""
+    """Accumulates ``sum X^T X`` and the row count of a module's inputs.
 
-    def __init__(self, k: int, device: torch.device) -> None:
+    With ``act_int8`` the inputs are first fake-quantized per token, as the deployed layer
+    (int8 dynamic activations) will see them, so GPTQ compensates the error of the product
+    the model actually computes.
+    """
+
+    def __init__(self, k: int, device: torch.device, act_int8: bool = False) -> None:
         self.xtx = torch.zeros(k, k, device=device)
         self.rows = 0
+        self.act_int8 = act_int8
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # (rows, K)
+        if self.act_int8:
+            x = P.fake_quantize_per_token(x)
         self.xtx.addmm_(x.t(), x)
         self.rows += x.shape[0]
 
@@ -243,13 +251,13 @@ def _capture_block_inputs(model: nn.Module, first: nn.Module, calib: Sequence[Te
     return captured
 
 
-def _hessians(run: Callable[[], object], model: nn.Module, names: list[str]) -> dict[str, Tensor]:
+def _hessians(run: Callable[[], object], model: nn.Module, names: list[str], act_int8: bool) -> dict[str, Tensor]:
     """Run ``run()`` with input hooks on ``names``; return their Hessians."""
     hooks: dict[str, _HessianHook] = {}
     handles = []
     for name in names:
         mod = model.get_submodule(name)
-        hooks[name] = _HessianHook(api.layer_shape(mod)[0], _weight_of(model, name).device)
+        hooks[name] = _HessianHook(api.layer_shape(mod)[0], _weight_of(model, name).device, act_int8)
         handles.append(mod.register_forward_pre_hook(hooks[name]))
     try:
         run()
@@ -297,7 +305,7 @@ def _gptq_model(
                 for args, kwargs in batches:
                     blk(*args, **kwargs)
 
-            hs = _hessians(run_block, model, mine)
+            hs = _hessians(run_block, model, mine, spec.activations == "int8")
             for name in mine:
                 _swap_packed(
                     model,
@@ -310,7 +318,7 @@ def _gptq_model(
             inputs = [((block(*args, **kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
     rest = [n for n in names if n not in done and n != api.EMBEDDING]
     if rest:
-        hs = _hessians(lambda: [model(b) for b in calib], model, rest)
+        hs = _hessians(lambda: [model(b) for b in calib], model, rest, spec.activations == "int8")
         for name in rest:
             _swap_packed(
                 model, name, gptq_quantize(_weight_of(model, name), hs[name], spec, damp, mse_grid=grid), spec, kernel

@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-import pytest
-
 from qtrain.config import validate
 from tests.conftest import compose_cfg
 
@@ -63,9 +61,10 @@ def test_text_data_needs_a_path() -> None:
 
 
 def test_model_sizes_match_their_names() -> None:
-    from qtrain.runner import n_params_of
-    from qtrain.model import GPT
     import torch
+
+    from qtrain.model import GPT
+    from qtrain.runner import n_params_of
 
     expected = {"tiny": (0.2e6, 0.3e6), "small": (8e6, 12e6), "medium": (40e6, 60e6), "base": (100e6, 150e6),
                 "1b": (0.9e9, 1.2e9)}

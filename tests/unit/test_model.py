@@ -46,6 +46,33 @@ def test_kv_cache_matches_full_recompute() -> None:
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_step_equals_the_cached_forward() -> None:
+    from qtrain.config import QuantConfig
+    from qtrain.quant import api
+
+    base = _model()
+    packed = api.convert(_model(), QuantConfig(scheme="int4", group_size=32)).eval()
+    for m, dtype in ((base, torch.float32), (packed, torch.float32), (_model().to(torch.bfloat16), torch.bfloat16)):
+        x = torch.randint(0, 256, (2, 12))
+        with torch.no_grad():
+            c1, c2 = (KVCache.empty(m.cfg, 2, torch.device("cpu"), dtype) for _ in range(2))
+            m(x[:, :8], c1, 0)
+            m(x[:, :8], c2, 0)
+            for i in range(8, 12):
+                ref = m(x[:, i : i + 1], c1, i)[:, -1]
+                got = m.decode_step(x[:, i : i + 1], c2, i)
+                tol = 1e-5 if dtype == torch.float32 else 2e-2
+                torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
+            torch.testing.assert_close(c2.k[:, :, :, :12], c1.k[:, :, :, :12], rtol=tol, atol=tol)
+    try:
+        base.decode_step(torch.zeros(1, 1, dtype=torch.long), KVCache.empty(base.cfg, 1, torch.device("cpu"),
+                         torch.float32), base.cfg.block_size)
+    except ValueError as err:
+        assert "block_size" in str(err)
+    else:
+        raise AssertionError("expected ValueError")
+
+
 def test_greedy_generation_with_cache_equals_recompute() -> None:
     m = _model()
     prompt = torch.randint(0, 256, (1, 8))

@@ -151,8 +151,8 @@ def test_schedule_takes_effect_exactly_at_the_configured_step() -> None:
 
 
 def test_keep_full_precision_hook_skips_layers(tmp_path: Path) -> None:
-    report = _run(tmp_path, "keep", ["mode=qat", "quant=int4", "train.max_steps=2",
-                                     "hooks=[{_target_: qtrain.quant.hooks.KeepFullPrecision, patterns: ['*.mlp.down']}]"])
+    hook = "hooks=[{_target_: qtrain.quant.hooks.KeepFullPrecision, patterns: ['*.mlp.down']}]"
+    report = _run(tmp_path, "keep", ["mode=qat", "quant=int4", "train.max_steps=2", hook])
     layers = ck.load_checkpoint(report["checkpoint"]).manifest["quant"]["layers"]
     assert "blocks.0.mlp.down" not in layers and "blocks.0.mlp.gate_up" in layers
     model = model_from_checkpoint(ck.load_checkpoint(report["checkpoint"]), torch.device("cpu"))

@@ -52,7 +52,7 @@ def test_gradient_accumulation_matches_one_big_batch() -> None:
     l_big, _ = big.train_step()
     l_acc, _ = acc.train_step()
     assert l_acc == pytest.approx(l_big, rel=1e-5)
-    for a, b in zip(big.model.parameters(), acc.model.parameters()):
+    for a, b in zip(big.model.parameters(), acc.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -66,7 +66,7 @@ def test_non_finite_loss_stops_before_the_optimizer_step() -> None:
     with pytest.raises(NonFiniteError) as info:
         t.train_step()
     assert info.value.step == 2 and math.isnan(info.value.loss)
-    for a, b in zip(before, t.model.parameters()):
+    for a, b in zip(before, t.model.parameters(), strict=True):
         assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all())
     assert t.step == 1
 
@@ -89,7 +89,7 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
     resumed.load_state_dict(loaded.trainer_meta["trainer"])
     rest = [resumed.train_step()[0] for _ in range(7)]
     assert part + rest == losses
-    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
 
