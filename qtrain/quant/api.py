@@ -1,4 +1,4 @@
-"""Quantization entry points: the SCHEMES table, prepare / convert, specs, skeletons.
+"""Quantization entry points: prepare / convert, to_fake, QAT helpers, the Quantizer facade.
 
 Quantization is a module swap driven by one :class:`~qtrain.config.QuantConfig`:
 ``prepare`` swaps ``nn.Linear`` for :class:`FakeQuantLinear` (QAT), ``convert`` swaps
@@ -23,13 +23,15 @@ Example:
     >>> ...                            # train
     >>> model = convert(model, qcfg)   # FakeQuantLinear -> Int4Linear (same codes)
     >>> manifest_layers = layer_specs(model)
+
+The scheme table lives in :mod:`qtrain.quant.schemes`, layer selection in
+:mod:`qtrain.quant.layers`, manifest metadata and packed skeletons in
+:mod:`qtrain.quant.skeleton`; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -37,236 +39,32 @@ from torch import Tensor, nn
 from qtrain.config import QuantConfig
 from qtrain.quant import primitives as P
 from qtrain.quant.fake import FakeQuantEmbedding, FakeQuantLinear, WeightHook
-from qtrain.quant.packed import Int4Linear, Int8Linear, PackedLinear, QuantEmbedding, check_kernel
+from qtrain.quant.layers import (  # noqa: F401 - re-exported: api is the package's facade
+    KEEP_FULL_PRECISION,
+    _embedding_children,
+    _kept,
+    _layer_spec,
+    _linear_like,
+    check_layers,
+    is_tied,
+    keep_full_precision,
+    layer_shape,
+    set_module,
+    target_layers,
+)
+from qtrain.quant.packed import PackedLinear, QuantEmbedding, check_kernel
 from qtrain.quant.primitives import LayerSpec, QuantizedWeight
-
-HEAD = "lm_head"
-"""Name of the output head module."""
-EMBEDDING = "tok_emb"
-"""Name of the token embedding module."""
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """One row of :data:`SCHEMES`.
-
-    Attributes:
-        name: scheme name (``quant=`` option).
-        bits: weight bits.
-        fake: fake-quant module class (QAT).
-        packed: packed module class (inference, checkpoints).
-        group_size: default group size (-1: per output channel).
-        symmetric: default symmetry.
-        activations: activation quantization forced by the scheme (``"int8"``) or ``"none"``.
-        description: one line for humans.
-    """
-
-    name: str
-    bits: int
-    fake: type[FakeQuantLinear]
-    packed: type[PackedLinear]
-    group_size: int
-    symmetric: bool
-    activations: str
-    description: str
-
-
-SCHEMES: dict[str, Scheme] = {
-    "int8": Scheme(
-        "int8", 8, FakeQuantLinear, Int8Linear, -1, True, "none", "int8 weights, symmetric per output channel"
-    ),
-    "int4": Scheme(
-        "int4", 4, FakeQuantLinear, Int4Linear, 32, True, "none", "int4 weights per group along the input dimension"
-    ),
-    "int8da_int4w": Scheme(
-        "int8da_int4w",
-        4,
-        FakeQuantLinear,
-        Int4Linear,
-        32,
-        True,
-        "int8",
-        "int8 dynamic per-token activations + int4 per-group weights",
-    ),
-}
-"""The one table of schemes: name -> classes and defaults."""
-
-
-def get_scheme(name: str) -> Scheme:
-    """Look up a scheme.
-
-    Args:
-        name: scheme name.
-
-    Returns:
-        Its :class:`Scheme`.
-
-    Raises:
-        ValueError: unknown name (lists the valid ones).
-    """
-    if name not in SCHEMES:
-        raise ValueError(f"quant.scheme={name!r} is not one of {list(SCHEMES)}")
-    return SCHEMES[name]
-
-
-def packed_class(spec: LayerSpec) -> type[PackedLinear]:
-    """Packed module class for a spec (by its scheme)."""
-    return get_scheme(spec.scheme).packed
-
-
-def spec_from_config(qcfg: QuantConfig) -> LayerSpec | None:
-    """The linear layers' spec for a config (None for ``scheme=none``).
-
-    int8 is always per channel and symmetric; ``int8da_int4w`` forces int8 activations.
-
-    Args:
-        qcfg: the quant config.
-
-    Returns:
-        A :class:`LayerSpec` or None.
-
-    Raises:
-        ValueError: unknown scheme, asymmetric int8, or unknown activation mode.
-    """
-    if qcfg.scheme == "none":
-        return None
-    sch = get_scheme(qcfg.scheme)
-    if sch.bits == 8 and not qcfg.symmetric:
-        raise ValueError("quant.symmetric=false: int8 weights are symmetric per channel")
-    if qcfg.activations not in P.ACTIVATION_MODES:
-        raise ValueError(f"quant.activations={qcfg.activations!r} is not one of {list(P.ACTIVATION_MODES)}")
-    group = -1 if sch.bits == 8 else qcfg.group_size
-    acts = "int8" if sch.activations == "int8" else qcfg.activations
-    return LayerSpec(sch.name, sch.bits, group, qcfg.symmetric if sch.bits == 4 else True, acts)
-
-
-def embedding_spec(spec: LayerSpec) -> LayerSpec:
-    """Spec of an untied embedding table: same bits, per row, weight-only."""
-    return dataclasses.replace(spec, group_size=-1, activations="none")
-
-
-# -- model inspection -------------------------------------------------------------------------
-KEEP_FULL_PRECISION = "qtrain_keep_full_precision"
-"""Attribute set by :func:`keep_full_precision`; marked modules are never targets."""
-
-
-def keep_full_precision(module: nn.Module) -> nn.Module:
-    """Mark a module so :func:`target_layers` (hence prepare, convert, PTQ) skips it.
-
-    The mark is a plain attribute: it survives ``deepcopy`` but not a rebuild from a
-    checkpoint, so re-mark the same names (those absent from :func:`layer_specs`) there.
-
-    Args:
-        module: typically an ``nn.Linear`` inside a block.
-
-    Returns:
-        The same module.
-    """
-    setattr(module, KEEP_FULL_PRECISION, True)
-    return module
-
-
-def _kept(m: nn.Module) -> bool:
-    return bool(getattr(m, KEEP_FULL_PRECISION, False))
-
-
-def _linear_like(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, FakeQuantLinear, PackedLinear)) and not _kept(m)
-
-
-def is_tied(model: nn.Module) -> bool:
-    """Whether the embedding and the head share one matrix (before or after quantization)."""
-    emb, head = getattr(model, EMBEDDING, None), getattr(model, HEAD, None)
-    if isinstance(emb, (FakeQuantEmbedding, QuantEmbedding)):
-        return emb.tied_to is not None
-    w_emb, w_head = getattr(emb, "weight", None), getattr(head, "weight", None)
-    return w_emb is not None and w_emb is w_head
-
-
-def _embedding_children(model: nn.Module) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(m, (FakeQuantEmbedding, QuantEmbedding))}
-
-
-def target_layers(model: nn.Module, qcfg: QuantConfig) -> list[str]:
-    """Names of the modules to quantize, in processing order (blocks, head, embedding).
-
-    Args:
-        model: the model (full precision, prepared or converted).
-        qcfg: the quant config (``lm_head``, ``embeddings``).
-
-    Returns:
-        Module names; ``tok_emb`` comes after ``lm_head`` (a tied embedding reads the head).
-        Modules marked with :func:`keep_full_precision` are left out.
-    """
-    skip = _embedding_children(model)
-    names = [
-        n
-        for n, m in model.named_modules()
-        if n and n != HEAD and _linear_like(m) and not any(n.startswith(s + ".") for s in skip)
-    ]
-    tied = is_tied(model)
-    head, emb = getattr(model, HEAD, None), getattr(model, EMBEDDING, None)
-    if head is not None and not _kept(head) and (qcfg.lm_head or (tied and qcfg.embeddings)):
-        names.append(HEAD)
-    if emb is not None and not _kept(emb) and (qcfg.embeddings or (tied and qcfg.lm_head)):
-        names.append(EMBEDDING)
-    return names
-
-
-def layer_shape(mod: nn.Module) -> tuple[int, int]:
-    """``(K, N)`` of a linear-like module, or ``(d, V)`` of an embedding.
-
-    Raises:
-        ValueError: the module is neither.
-    """
-    if isinstance(mod, nn.Embedding):
-        return mod.embedding_dim, mod.num_embeddings
-    if isinstance(mod, (FakeQuantEmbedding, QuantEmbedding)):
-        t = mod.get_table()
-        return t.in_features, t.out_features
-    if isinstance(mod, (nn.Linear, FakeQuantLinear, PackedLinear)):
-        return mod.in_features, mod.out_features
-    raise ValueError(f"{type(mod).__name__} is not a linear or embedding layer")
-
-
-def _layer_spec(name: str, spec: LayerSpec, tied: bool) -> LayerSpec:
-    """Spec for one target: the embedding is per row unless it shares the head's codes."""
-    return spec if name != EMBEDDING or tied else embedding_spec(spec)
-
-
-def check_layers(model: nn.Module, qcfg: QuantConfig) -> list[str]:
-    """Validate the config against every target layer before anything is swapped.
-
-    Args:
-        model: the model.
-        qcfg: the quant config.
-
-    Returns:
-        The target layer names.
-
-    Raises:
-        ValueError: scheme ``none``, or a layer the spec does not fit (names layer and value).
-    """
-    spec = spec_from_config(qcfg)
-    if spec is None:
-        raise ValueError("quant.scheme=none: choose int8, int4 or int8da_int4w to quantize")
-    names = target_layers(model, qcfg)
-    tied = is_tied(model)
-    if tied and EMBEDDING in names and HEAD not in names:
-        raise ValueError(f"{EMBEDDING}: tied to {HEAD}, which is kept in full precision; keep both or neither")
-    for name in names:
-        mod = model.get_submodule(name)
-        _layer_spec(name, spec, tied).check(name, layer_shape(mod)[0])
-        if isinstance(mod, (nn.Linear,)) and mod.bias is not None:
-            raise ValueError(f"{name}: quantized linears must have no bias")
-    return names
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` with ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+from qtrain.quant.schemes import (  # noqa: F401 - re-exported
+    EMBEDDING,
+    HEAD,
+    SCHEMES,
+    Scheme,
+    embedding_spec,
+    get_scheme,
+    packed_class,
+    spec_from_config,
+)
+from qtrain.quant.skeleton import build_packed_skeleton, layer_specs, set_kernel  # noqa: F401 - re-exported
 
 
 # -- prepare / convert ------------------------------------------------------------------------
@@ -434,110 +232,6 @@ def _convert_embedding(
         return QuantEmbedding(pack_layer(table, spec or table.spec, name, kernel), None, name)
     assert isinstance(mod, nn.Embedding) and spec is not None
     return QuantEmbedding(packed_class(spec).from_float(mod.weight.detach(), spec, kernel, name), None, name)
-
-
-# -- metadata, skeletons, kernels -------------------------------------------------------------
-def layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per-layer quantization metadata for the checkpoint manifest.
-
-    Args:
-        model: a prepared or converted model.
-
-    Returns:
-        ``{name: {scheme, bits, group_size, symmetric, activations, kind, in_features,
-        out_features, tied_to}}`` with ``kind`` ``"linear"`` or ``"embedding"``; JSON-able.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    skip = _embedding_children(model)
-    for name, m in model.named_modules():
-        if isinstance(m, (FakeQuantEmbedding, QuantEmbedding)):
-            t = m.get_table()
-            out[name] = {
-                **t.spec.to_dict(),
-                "kind": "embedding",
-                "in_features": t.in_features,
-                "out_features": t.out_features,
-                "tied_to": m.tied_to,
-            }
-        elif isinstance(m, (FakeQuantLinear, PackedLinear)) and not any(name.startswith(s + ".") for s in skip):
-            out[name] = {
-                **m.spec.to_dict(),
-                "kind": "linear",
-                "in_features": m.in_features,
-                "out_features": m.out_features,
-                "tied_to": None,
-            }
-    return out
-
-
-def build_packed_skeleton(model: nn.Module, specs: Mapping[str, Mapping[str, Any]], kernel: str = "auto") -> nn.Module:
-    """Swap in empty packed modules described by :func:`layer_specs` output (in place).
-
-    Afterwards ``model.load_state_dict(state, strict=True)`` loads a converted checkpoint
-    (use ``assign=True`` when the model was built on the meta device).
-
-    Args:
-        model: a freshly built full-precision model of the checkpoint's shape.
-        specs: per-layer metadata from the manifest.
-        kernel: ``"auto"`` or ``"reference"``.
-
-    Returns:
-        The same model object.
-
-    Raises:
-        ValueError: unknown layer name, shape mismatch, bad spec, or a tie to a non-packed module.
-    """
-    check_kernel(kernel)
-    order = sorted(specs, key=lambda n: specs[n].get("kind", "linear") == "embedding")
-    for name in order:
-        meta = specs[name]
-        spec = LayerSpec.from_dict(dict(meta))
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError as e:
-            raise ValueError(f"{name}: layer in the checkpoint's quantization specs is not in the model") from e
-        new = _skeleton_module(model, name, mod, spec, meta, kernel)
-        set_module(model, name, new)
-    return model
-
-
-def _skeleton_module(
-    model: nn.Module, name: str, mod: nn.Module, spec: LayerSpec, meta: Mapping[str, Any], kernel: str
-) -> nn.Module:
-    weight = getattr(mod, "weight", None)
-    device = weight.device if isinstance(weight, Tensor) else None
-    if meta.get("kind", "linear") == "embedding":
-        if meta.get("tied_to"):
-            table = model.get_submodule(str(meta["tied_to"]))
-            if not isinstance(table, PackedLinear):
-                raise ValueError(f"{name}: tied to {meta['tied_to']!r}, which is not a packed layer")
-            return QuantEmbedding(table, tied_to=str(meta["tied_to"]), name=name)
-        k, n = _shape(mod, meta, name)
-        return QuantEmbedding(packed_class(spec).empty(k, n, spec, kernel, name, device=device), None, name)
-    k, n = _shape(mod, meta, name)
-    return packed_class(spec).empty(k, n, spec, kernel, name, device=device)
-
-
-def _shape(mod: nn.Module, meta: Mapping[str, Any], name: str) -> tuple[int, int]:
-    """(K, N) of a layer, checked against the manifest when both are known."""
-    k, n = layer_shape(mod)
-    mk, mn = meta.get("in_features", k), meta.get("out_features", n)
-    if (mk, mn) != (k, n):
-        raise ValueError(f"{name}: checkpoint layer is {mk}->{mn} but the model's is {k}->{n}")
-    return k, n
-
-
-def set_kernel(model: nn.Module, kernel: str) -> nn.Module:
-    """Select ``"auto"`` or ``"reference"`` kernels on every packed module (in place).
-
-    Raises:
-        ValueError: unknown kernel name.
-    """
-    check_kernel(kernel)
-    for m in model.modules():
-        if isinstance(m, PackedLinear):
-            m.kernel = kernel
-    return model
 
 
 def to_fake(model: nn.Module, learn_scales: bool = False) -> nn.Module:
