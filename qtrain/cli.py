@@ -57,6 +57,7 @@ DISTRIBUTED_MODES = ("train", "qat", "finetune")
 _failures: list[dict[str, Any]] = []
 _started: list[bool] = []
 _jobs: list[dict[str, Any]] = []
+_sweep_dir: list[Path] = []
 
 
 def conf_dir() -> Path:
@@ -254,6 +255,7 @@ def _task(dcfg: DictConfig) -> None:
     if hc.mode == RunMode.MULTIRUN:
         _write_status(run_dir, code, overrides)
         _jobs.append({"dir": str(run_dir), "exit_code": code, "ok": code == EXIT_OK, "overrides": overrides})
+        _sweep_dir[:] = [Path(hc.sweep.dir)]
         if code != EXIT_OK:
             _failures.append({"dir": str(run_dir), "exit_code": code, "overrides": overrides})
         return
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     _started.clear()  # fresh per call: tests and notebooks call main() repeatedly in one process
     _failures.clear()
     _jobs.clear()
+    _sweep_dir.clear()
     register_configs()
     if not NO_PRECHECK_FLAGS.intersection(argv):
         precheck(argv)
@@ -289,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         distributed.finish()
     if _jobs and rank() == 0:
-        sweep_dir = Path(_jobs[0]["dir"]).parent
+        sweep_dir = _sweep_dir[0] if _sweep_dir else Path(_jobs[0]["dir"]).parent
         summary = {"jobs": _jobs, "failed": len(_failures), "succeeded": len(_jobs) - len(_failures)}
         (sweep_dir / "sweep_status.json").write_text(json.dumps(summary, indent=2) + "\n")
     if _failures:
