@@ -58,6 +58,8 @@ _failures: list[dict[str, Any]] = []
 _started: list[bool] = []
 _jobs: list[dict[str, Any]] = []
 _sweep_dir: list[Path] = []
+_sweep_stopped: list[bool] = []
+"""Set when a multirun job ended on SIGTERM: the jobs after it are skipped, not run."""
 
 
 def conf_dir() -> Path:
@@ -245,6 +247,13 @@ def _task(dcfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
+    if _sweep_stopped:  # an earlier job of this sweep was stopped by SIGTERM
+        err_console.print(f"skipped after SIGTERM: {' '.join(overrides)}")
+        _write_status(run_dir, EXIT_SIGTERM, overrides)
+        _jobs.append({"dir": str(run_dir), "exit_code": EXIT_SIGTERM, "ok": False, "overrides": overrides,
+                      "skipped": True})
+        _failures.append({"dir": str(run_dir), "exit_code": EXIT_SIGTERM, "overrides": overrides})
+        return
     try:
         cfg = OmegaConf.to_object(dcfg)
         assert isinstance(cfg, RunConfig)
@@ -258,6 +267,8 @@ def _task(dcfg: DictConfig) -> None:
         _sweep_dir[:] = [Path(hc.sweep.dir)]
         if code != EXIT_OK:
             _failures.append({"dir": str(run_dir), "exit_code": code, "overrides": overrides})
+        if code == EXIT_SIGTERM:  # a stop request ends the sweep, not only this job
+            _sweep_stopped.append(True)
         return
     if run_dir.exists():
         _write_status(run_dir, code, overrides)
@@ -274,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     _failures.clear()
     _jobs.clear()
     _sweep_dir.clear()
+    _sweep_stopped.clear()
     register_configs()
     if not NO_PRECHECK_FLAGS.intersection(argv):
         precheck(argv)

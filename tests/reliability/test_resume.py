@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -140,3 +141,18 @@ def test_case_11_nothing_to_resume_and_bogus_init_from(tmp_path: Path, capsys: p
     assert qtrain(["mode=eval", f"init_from={bogus}", f"hydra.run.dir={tmp_path / 'cli'}"]) == 2
     assert f"init_from: {bogus} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "cli").exists()
+
+
+def test_sigterm_in_a_sweep_stops_the_sweep(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["-m", "mode=train", *train_args(tmp_path / "unused", 6, "train.log_every=1")[1:-1],
+            "train.lr=1e-3,2e-3,3e-3", f"hydra.sweep.dir={sweep}"]
+    code, out, err = sigterm_at_step(args, 2, tmp_path)
+    assert code == 143, err[-2000:]
+    summary = json.loads((sweep / "sweep_status.json").read_text())
+    assert [j["exit_code"] for j in summary["jobs"]] == [143, 143, 143]
+    assert [bool(j.get("skipped")) for j in summary["jobs"]] == [False, True, True]
+    first = Path(summary["jobs"][0]["dir"])
+    assert step_names(first / "checkpoints") == ["step_0000002"]  # the stopped job saved
+    assert not (Path(summary["jobs"][1]["dir"]) / "checkpoints").exists()  # later jobs never ran
+    assert "skipped after SIGTERM" in err
