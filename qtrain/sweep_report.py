@@ -325,8 +325,16 @@ def _ptq_for(row: Row, rows: list[Row]) -> Row | None:
     return min(pool, key=lambda r: r.val_ppl or math.inf) if pool else None
 
 
+MIN_RECOVERY_GAP = 0.005
+"""Recovery is left blank when PTQ is within this fraction of its reference perplexity: the
+ratio of two tiny differences says nothing (and explodes)."""
+
+
 def fill_recovery(rows: list[Row]) -> None:
-    """Set ``recovered_pct`` on QAT rows that have a matching PTQ row with a reference."""
+    """Set ``recovered_pct`` on QAT rows that have a matching PTQ row with a reference.
+
+    Only where the PTQ gap is at least :data:`MIN_RECOVERY_GAP` of the reference perplexity.
+    """
     for row in rows:
         if not row.ok or row.mode != "qat" or row.val_ppl is None:
             continue
@@ -334,7 +342,7 @@ def fill_recovery(rows: list[Row]) -> None:
         if ptq is None or ptq.val_ppl is None or ptq.reference_val_ppl is None:
             continue
         gap = ptq.val_ppl - ptq.reference_val_ppl
-        if gap > 0:
+        if gap >= MIN_RECOVERY_GAP * ptq.reference_val_ppl:
             row.recovered_pct = 100.0 * (ptq.val_ppl - row.val_ppl) / gap
 
 

@@ -126,3 +126,11 @@ def test_plot_is_a_png(sweep: Path, tmp_path: Path) -> None:
     out = run(_ctx(tmp_path, [str(sweep)]))
     png = Path(out["plot"])
     assert png.name == sr.PLOT_FILE and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recovery_is_blank_when_ptq_barely_moved(sweep: Path) -> None:
+    report = json.loads((sweep / "0_mode=ptq" / "report.json").read_text())
+    report["val_ppl"] = 4.01  # 0.25% above the reference: a ratio of noise
+    (sweep / "0_mode=ptq" / "report.json").write_text(json.dumps(report))
+    rows = sr.build_rows([sr.read_job(p) for p in sr.find_job_dirs([str(sweep)])])
+    assert all(r.recovered_pct is None for r in rows)
