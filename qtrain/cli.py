@@ -250,8 +250,9 @@ def _task(dcfg: DictConfig) -> None:
     if _sweep_stopped:  # an earlier job of this sweep was stopped by SIGTERM
         err_console.print(f"skipped after SIGTERM: {' '.join(overrides)}")
         _write_status(run_dir, EXIT_SIGTERM, overrides)
-        _jobs.append({"dir": str(run_dir), "exit_code": EXIT_SIGTERM, "ok": False, "overrides": overrides,
-                      "skipped": True})
+        _jobs.append(
+            {"dir": str(run_dir), "exit_code": EXIT_SIGTERM, "ok": False, "overrides": overrides, "skipped": True}
+        )
         _failures.append({"dir": str(run_dir), "exit_code": EXIT_SIGTERM, "overrides": overrides})
         return
     try:
