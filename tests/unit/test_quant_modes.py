@@ -59,6 +59,7 @@ def test_qat_reduces_loss_and_converted_matches_fake_quant(qat_run: tuple[Path, 
     # packed int4 (fast kernel, bf16 activations) vs fake-quant fp32: same codes, tiny numeric drift
     assert report["val_loss"] == pytest.approx(report["fake_quant_val_loss"], rel=2e-3)
     assert report["bits_per_weight"] == pytest.approx(4.5)
+    assert report["decode_tokens_per_s"] > 0 and report["decode_tokens"] == 8  # the packed model's speed
     loaded = ck.load_checkpoint(report["checkpoint"])
     assert loaded.manifest["quant"]["state"] == "packed"
     layers = loaded.manifest["quant"]["layers"]

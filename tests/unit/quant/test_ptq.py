@@ -62,6 +62,22 @@ def test_gptq_beats_rtn_output_error_with_correlated_inputs(spec: LayerSpec) -> 
     assert torch.equal(P.quantize(w_hat, g.scales, g.zeros, spec.bits, spec.group_size), g.codes)
 
 
+def test_gptq_hessian_uses_int8_inputs_for_int8_activations(trained_ish: GPT) -> None:
+    x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(4)) * 3
+    plain, act = ptq._HessianHook(64, torch.device("cpu")), ptq._HessianHook(64, torch.device("cpu"), act_int8=True)
+    plain(torch.nn.Identity(), (x,))
+    act(torch.nn.Identity(), (x,))
+    xq = P.fake_quantize_per_token(x.reshape(-1, 64))
+    torch.testing.assert_close(act.hessian(), 2 * xq.t() @ xq / 21)
+    assert not torch.allclose(act.hessian(), plain.hessian(), rtol=0, atol=1e-6)
+    # end to end: the first layer's GPTQ codes change with the int8 activations
+    qcfg = QuantConfig(scheme="int8da_int4w", group_size=32)
+    a = ptq.quantize_ptq(copy.deepcopy(trained_ish), qcfg, "gptq", _calib())
+    b = ptq.quantize_ptq(copy.deepcopy(trained_ish), QuantConfig(scheme="int4", group_size=32), "gptq", _calib())
+    name = "blocks.0.attn.qkv"  # its inputs do not depend on any quantized layer: only the Hessian differs
+    assert not torch.equal(a.get_submodule(name).codes(), b.get_submodule(name).codes())
+
+
 @pytest.fixture(scope="module")
 def trained_ish() -> GPT:
     model = GPT(ModelConfig())
