@@ -21,7 +21,16 @@ def _fmt(value: Any) -> str:
             return str(value)
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
     if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" for k, v in value.items())
+        return ", ".join(f"{k}={_fmt_nested(k, v)}" for k, v in value.items())
+    return str(value)
+
+
+def _fmt_nested(key: str, value: Any) -> str:
+    """A value inside a dict entry: per-layer tables are counted, not listed (they are in report.json)."""
+    if key == "layers" and isinstance(value, dict):
+        return f"{len(value)} layers"
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k}={v}" for k, v in value.items()) + ")"
     return str(value)
 
 
