@@ -43,8 +43,9 @@ def _install_pause(step: int, ready: Path) -> None:
 
 def _install_kill(step: int, hashes_file: str | None) -> None:
     from qtrain import checkpoint as ck
+    from qtrain.checkpoint import write as ck_write
 
-    original = ck._write_json
+    original = ck_write._write_json
     target = ck.step_dir_name(step)
 
     def write_json(path: Path, data: object) -> None:
@@ -60,7 +61,7 @@ def _install_kill(step: int, hashes_file: str | None) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         original(path, data)
 
-    ck._write_json = write_json  # type: ignore[assignment]
+    ck_write._write_json = write_json  # type: ignore[assignment]
 
 
 def _event(path: Path, **fields: object) -> None:

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from qtrain import checkpoint as ck
+from qtrain.checkpoint import write as ck_write  # the low-level writers the tests break
 from qtrain.errors import CheckpointError
 from qtrain.runner import model_from_checkpoint
 from tests.reliability.conftest import (
@@ -293,14 +294,14 @@ def test_case_18_fixture_loads_migrates_and_upgrades(
 
 def test_case_18_upgrade_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fixture = OLD_FIXTURES[0]
-    original = ck._write_json
+    original = ck_write._write_json
 
     def failing(path: Path, data: object) -> None:
         if path.name == ck.MANIFEST:
             raise OSError(5, "Input/output error")
         original(path, data)
 
-    monkeypatch.setattr(ck, "_write_json", failing)
+    monkeypatch.setattr(ck_write, "_write_json", failing)
     with pytest.raises(OSError):
         ck.upgrade_checkpoint(fixture, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # neither `out` nor a temporary directory

@@ -1,0 +1,62 @@
+"""`mode=upgrade`: a migrated, re-verified copy of a checkpoint in a new directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qtrain.checkpoint.format import FORMAT_VERSION, SYSTEM_KEYS, Payload
+from qtrain.checkpoint.load import load_checkpoint
+from qtrain.checkpoint.write import _tensor_bytes, _write_files, write_dir_atomically
+from qtrain.errors import ConfigError
+
+# ---------------------------------------------------------------- upgrading
+
+
+def check_upgrade_target(src: Path, out: Path) -> None:
+    """Refuse an `out` that exists with content, or that lies inside (or is) the source.
+
+    Raises:
+        ConfigError: naming `out` and why.
+    """
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"out: {out} already exists and is not an empty directory; upgrade writes a new directory")
+    src_r, out_r = src.resolve(), out.resolve()
+    if out_r == src_r or src_r in out_r.parents:
+        raise ConfigError(f"out: {out} is inside the source checkpoint {src}; choose a directory outside it")
+
+
+def upgrade_checkpoint(src: str | Path, out: str | Path) -> Path:
+    """Write a migrated copy of checkpoint `src` at FORMAT_VERSION into the new directory `out`.
+
+    The source is only read. Tensors are re-serialized, the manifest gets fresh sizes and
+    hashes plus `upgraded_from` (the source's path and versions); the copy is written to a
+    temporary sibling, fsynced and renamed, so `out` is either absent or complete.
+
+    Returns:
+        `out`.
+
+    Raises:
+        ConfigError: `out` exists and is not empty, or lies inside `src`.
+        CheckpointError: the source fails verification.
+        ResourceError: the disk filled up.
+    """
+    src_p, out_p = Path(src), Path(out).expanduser()
+    check_upgrade_target(src_p, out_p)
+    ckpt = load_checkpoint(src_p, with_trainer=True)
+    m = ckpt.manifest
+    extras = {k: v for k, v in m.items() if k not in SYSTEM_KEYS and k != "upgraded_from"}
+    extras["upgraded_from"] = {
+        "path": str(src_p.resolve()),
+        "format_version": m.get("migrated_from", FORMAT_VERSION),
+        "qtrain_version": m.get("qtrain_version"),
+        "torch_version": m.get("torch_version"),
+    }
+    payload = Payload(
+        model_state=ckpt.model_state,
+        trainer_tensors=ckpt.trainer_tensors,
+        trainer_meta=ckpt.trainer_meta,
+        manifest=extras,
+    )
+    need = _tensor_bytes(ckpt.model_state) + _tensor_bytes(ckpt.trainer_tensors)
+    write_dir_atomically(out_p, lambda tmp: _write_files(tmp, m["step"], payload), need)
+    return out_p
