@@ -25,16 +25,15 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import os
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_common import copy_bandwidth, run_and_report
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -63,17 +62,6 @@ PREFILL_ACCEPT = 1.3
 """Packed int4 prefill time may be at most this multiple of fp32's."""
 
 
-def copy_bandwidth(mbytes: int = 256, reps: int = 9) -> float:
-    """GB/s of a large tensor copy: bytes read + bytes written over the median time."""
-    x = torch.ones(mbytes * 2**20 // 4)
-    y = torch.empty_like(x)
-    y.copy_(x)  # touch the destination: a fresh allocation would time page faults
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        y.copy_(x)
-        times.append(time.perf_counter() - t)
-    return 2 * x.numel() * 4 / statistics.median(times) / 1e9
 
 
 def module_bytes(mod: nn.Module) -> int:
@@ -364,15 +352,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the result as JSON here")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run(args)
-    show(result)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        console.print(f"wrote {args.out}")
+    run_and_report(ap.parse_args(), run, show, console)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_common import copy_bandwidth
 from rich.console import Console
 from rich.table import Table
 
@@ -39,21 +40,6 @@ console = Console(width=120)
 DEFAULT_SHAPES = ["1024x1024", "4096x4096", "4096x11008"]
 
 
-def copy_bandwidth(mbytes: int = 256, reps: int = 9) -> float:
-    """GB/s of a large tensor copy (bytes read + bytes written over the median time).
-
-    Copies into a preallocated, already touched destination: a fresh ``clone`` would mostly
-    time page faults of the new allocation.
-    """
-    x = torch.ones(mbytes * 2**20 // 4)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        y.copy_(x)
-        times.append(time.perf_counter() - t)
-    return 2 * x.numel() * 4 / statistics.median(times) / 1e9
 
 
 def candidates(k: int, n: int, m: int) -> tuple[dict[str, Callable[[], Any]], dict[str, int]]:

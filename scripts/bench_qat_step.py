@@ -17,14 +17,13 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import run_and_report
 from rich.console import Console
 from rich.table import Table
 
@@ -154,15 +153,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run(args)
-    show(result)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        console.print(f"wrote {args.out}")
+    run_and_report(ap.parse_args(), run, show, console)
 
 
 if __name__ == "__main__":
