@@ -75,7 +75,8 @@ class QuantConfig:
     lm_head: bool = False
     """Also quantize the output head."""
     kernel: str = "auto"
-    """auto (fast packed kernels where available) | reference (pure PyTorch)."""
+    """auto (qtrain's CPU kernels, else PyTorch's) | torch (PyTorch's packed kernels only) |
+    reference (dequantize + float32 matmul)."""
 
 
 @dataclass
@@ -284,7 +285,7 @@ def validate(cfg: RunConfig) -> list[str]:
 def _validate_quant(p: list[str], q: QuantConfig, m: ModelConfig) -> None:
     _check(p, q.scheme in SCHEME_NAMES, "quant.scheme", f"'{q.scheme}' is not one of {list(SCHEME_NAMES)}")
     _check(p, q.activations in ("none", "int8"), "quant.activations", f"'{q.activations}' must be none|int8")
-    _check(p, q.kernel in ("auto", "reference"), "quant.kernel", f"'{q.kernel}' must be auto|reference")
+    _check(p, q.kernel in ("auto", "torch", "reference"), "quant.kernel", f"'{q.kernel}' must be auto|torch|reference")
     if q.scheme in ("int4", "int8da_int4w"):
         ok = q.group_size == -1 or q.group_size in GROUP_SIZES
         _check(p, ok, "quant.group_size", f"{q.group_size} must be one of {list(GROUP_SIZES)} or -1 (per channel)")

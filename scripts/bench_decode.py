@@ -52,10 +52,13 @@ SCHEMES: dict[str, QuantConfig | None] = {
     "int4": QuantConfig(scheme="int4", group_size=32),
     "int8da_int4w": QuantConfig(scheme="int8da_int4w", group_size=32),
     "int4_bf16": QuantConfig(scheme="int4", group_size=32),
+    "int8_torch": QuantConfig(scheme="int8", kernel="torch"),
+    "int4_torch": QuantConfig(scheme="int4", group_size=32, kernel="torch"),
 }
 """``int4_bf16`` (opt-in): packed int4 with the rest of the model in bf16 (activations, norms,
-KV cache, head), as a bf16 model quantized for inference would run."""
-DEFAULT_SCHEMES = ["fp32", "bf16", "int8", "int4", "int8da_int4w"]
+KV cache, head), as a bf16 model quantized for inference would run. ``*_torch``: the same
+packed weights through PyTorch's own CPU kernels (``quant.kernel=torch``), for comparison."""
+DEFAULT_SCHEMES = ["fp32", "bf16", "int8", "int4", "int8da_int4w", "int8_torch", "int4_torch"]
 ACCEPT = {"int4": 3.0, "int8": 2.3}
 """Decode speed-up over fp32 each scheme must reach (issue 6)."""
 PREFILL_ACCEPT = 1.3
@@ -175,16 +178,17 @@ def linear_chain(model: GPT) -> Callable[[], None]:
     """Every linear of one decode step back to back, fed as a lean harness would feed it.
 
     Full-precision linears get ``F.linear`` in their own dtype; packed ones their CPU kernel
-    closure with a bf16 ``(1, K)`` input directly (no casts, no module call). The time of this
-    chain is what the step would cost if everything but the linears were free.
+    closure with a ``(1, K)`` input of the model's activation dtype directly (no module call).
+    The time of this chain is what the step would cost if everything but the linears were free.
     """
     calls: list[Callable[[], Any]] = []
     gen = torch.Generator().manual_seed(2)
+    act_dtype = model.norm.weight.dtype
     for m in model.modules():
         if isinstance(m, PackedLinear):
-            xb = torch.randn(1, m.in_features, generator=gen).bfloat16()
-            fast = m._fast(xb.device)
-            calls.append(functools.partial(fast, xb) if fast is not None else functools.partial(m, xb.float()))
+            xa = torch.randn(1, m.in_features, generator=gen).to(act_dtype)
+            fast = m._fast(xa.device)
+            calls.append(functools.partial(fast, xa) if fast is not None else functools.partial(m, xa))
         elif isinstance(m, nn.Linear):
             x = torch.randn(1, m.in_features, generator=gen).to(m.weight.dtype)
             calls.append(functools.partial(F.linear, x, m.weight))

@@ -6,8 +6,12 @@ Not a test. For each (K, N) and batch size, times side by side, interleaved rep 
 - ``bf16``: ``F.linear`` with bf16 ``x`` and ``w``
 - ``int8_raw`` / ``int4_raw``: ``aten._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu``
   called directly with bf16 activations and prepacked weights
+- ``int8_qt`` / ``int4_qt``: qtrain's own AVX2 kernels (:mod:`qtrain.quant.native`) called
+  directly on the canonical packed buffers with float32 activations (absent when they cannot
+  be built here)
 - ``int8`` / ``int4``: qtrain's ``Int8Linear`` / ``Int4Linear`` (group 32), ``kernel="auto"``,
-  fed float32 activations (cast to bf16 and back inside, as a model would use them)
+  fed float32 activations, as a model calls them (the qtrain kernels up to 8 rows, PyTorch's
+  above, with the layer's dispatch cost)
 
 Reports medians (and minima, robust on a shared machine), ratios to fp32, memory copy
 bandwidth (large tensor copy: read + write bytes / time) and each kernel's effective weight
@@ -33,6 +37,7 @@ from bench_common import copy_bandwidth
 from rich.console import Console
 from rich.table import Table
 
+from qtrain.quant import native
 from qtrain.quant import primitives as P
 from qtrain.quant.packed import Int4Linear, Int8Linear
 
@@ -71,6 +76,12 @@ def candidates(k: int, n: int, m: int) -> tuple[dict[str, Callable[[], Any]], di
         "int4_raw": n * k // 2 + n * (k // 32) * 4,
         "int4": n * k // 2 + n * (k // 32) * 2,
     }
+    lib = native.library()
+    if lib is not None:
+        p4, s4 = q4.weight_packed, q4.scales
+        fns["int8_qt"] = lambda: native.int8_linear(lib, x, w8, s8)
+        fns["int4_qt"] = lambda: native.int4_linear(lib, x, p4, s4, None, 32)
+        nbytes["int8_qt"], nbytes["int4_qt"] = nbytes["int8"], nbytes["int4"]
     return fns, nbytes
 
 
