@@ -15,7 +15,8 @@ Int4Linear     ``weight_packed`` uint8 ``[N, K/2]`` codes 0..15, low nibble = ev
 Weight = ``(code - zero) * scale`` (see :mod:`qtrain.quant.primitives`).
 
 Kernels (``kernel="auto"``; ``"torch"`` skips qtrain's own CPU kernels; ``"reference"``
-forces the oracle):
+forces the oracle; built by :mod:`qtrain.quant.fastpaths`, whose constants are the row limits
+named here):
 
 - reference: unpack, dequantize to float32, ``F.linear`` in float32. Equal bit for bit to
   :class:`~qtrain.quant.fake.FakeQuantLinear`'s forward on the same input.
@@ -25,18 +26,18 @@ forces the oracle):
   layer fits them (int4 groups, int8 K a multiple of 32); otherwise the next item.
 - CPU, at most ``CPU_KERNEL_MAX_ROWS`` rows: ``aten._weight_int8pack_mm`` and
   ``aten._weight_int4pack_mm_for_cpu`` fed **bf16** activations (fp32 inputs are several
-  times slower), output cast back. int4 weights are repacked once, lazily, with
-  ``_convert_weight_to_int4pack_for_cpu`` into a non-persistent cache. Above the row limit
+  times slower), output cast back. int4 weights are repacked once, on the first call that
+  needs it, with ``_convert_weight_to_int4pack_for_cpu`` into a non-persistent cache. Above the row limit
   (prefill, evaluation) the dequantize + float32 matmul of the reference path is faster on
   CPU than these kernels, so it is used (transiently, per call).
 - CUDA: int4 uses tinygemm ``aten._weight_int4pack_mm`` (bf16) for at most
   ``CUDA_TINYGEMM_MAX_ROWS`` rows, dequantize to bf16 + matmul above; int8 weights with int8
   activations use ``torch._int_mm`` (int8 x int8 -> int32, then both scales) above 16 rows;
   int8 at most ``GEMV_MAX_ROWS`` rows uses a ``torch.compile``-fused dequantize-GEMV
-  (:func:`int8_gemv`); otherwise dequantize to bf16 + matmul.
+  (:func:`~qtrain.quant.fastpaths.int8_gemv`); otherwise dequantize to bf16 + matmul.
 - int8 dynamic activations (``spec.activations == "int8"``): the input is quantized per token
-  and dequantized (the same primitive as fake-quant), then the weight path runs (on CPU there
-  is no int8 x int4 kernel; the int4 kernel gets the dequantized bf16 activations).
+  and dequantized (the same primitive as fake-quant), then the weight path runs on those
+  activations.
 
 Kernel conventions found by testing (torch 2.13, CPU): tinygemm computes
 ``(q - 8) * scale + zero`` from ``scale_and_zero [K/g, N, 2]`` (bf16), so symmetric codes
@@ -50,85 +51,21 @@ needs K % 8 == 0 and **crashes the process** otherwise, so such layers use the r
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qtrain.quant import native
+from qtrain.quant import fastpaths as fp
 from qtrain.quant import primitives as P
+from qtrain.quant.fastpaths import FastPath
 from qtrain.quant.primitives import LayerSpec
 
 log = logging.getLogger(__name__)
 
 KERNELS = ("auto", "torch", "reference")
-CPU_KERNEL_MAX_ROWS = 64
-"""Rows (tokens) up to which the CPU packed kernels beat dequantize + fp32 matmul.
-
-Measured here (1 thread, K x N from 384 x 1152 to 4096 x 4096): the kernels win up to 64 rows
-everywhere, the reference wins for model-sized layers from about 128 to 256 rows on.
-"""
-CUDA_TINYGEMM_MAX_ROWS = 64
-"""Rows up to which tinygemm is used on CUDA; dequantize + bf16 matmul above."""
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
-GEMV_MAX_ROWS = 16
-NATIVE_MAX_ROWS = 8
-"""Rows up to which the CPU layers use qtrain's own kernels (:mod:`qtrain.quant.native`).
-
-Measured here (2 threads, 4096 x 1024): int4 2.1x and int8 2.0x faster than PyTorch's kernels
-at 1 row, 1.1x at 4 rows, even at 8; PyTorch's kernels from 16 rows on.
-"""
-"""Rows up to which CUDA int8 weight-only layers use the compiled fused GEMV (:func:`int8_gemv`)."""
-
-FastPath = Callable[[Tensor], Tensor | None]
-
-
-def _int8_gemv_math(x: Tensor, w: Tensor, s_row: Tensor) -> Tensor:
-    """``(x @ w.T) * s_row`` as a broadcast multiply and a K reduction (fp32 accumulation).
-
-    Eagerly this would materialise ``M x N x K`` products; compiled, Inductor fuses it into
-    one reduction kernel that reads each int8 weight once (half the bytes of a bf16 weight),
-    which cuBLAS cannot do for a mixed int8/bf16 product.
-    """
-    prod = x.unsqueeze(1).float() * w.unsqueeze(0).float()  # (M, N, K)
-    return prod.sum(-1) * s_row
-
-
-_GEMV: dict[str, Callable[..., Tensor] | None] = {}
-
-
-def int8_gemv(x: Tensor, w: Tensor, s_row: Tensor) -> Tensor | None:
-    """Fused int8-weight GEMV through ``torch.compile`` (CUDA decode), or None when unavailable.
-
-    The compiled function is built once per process (dynamic shapes: one kernel serves every
-    layer); if compiling fails the failure is logged once and callers use their fallback.
-
-    Args:
-        x: ``(M, K)`` bf16 activations, M small.
-        w: ``(N, K)`` int8 codes.
-        s_row: ``(1, N)`` fp32 per-channel scales.
-
-    Returns:
-        ``(M, N)`` fp32, or None.
-    """
-    if "fn" not in _GEMV:
-        try:
-            opts: dict[str, str | int | bool | Callable[..., Any]] = {"coordinate_descent_tuning": True}
-            _GEMV["fn"] = torch.compile(_int8_gemv_math, dynamic=True, fullgraph=True, options=opts)
-        except Exception as err:  # noqa: BLE001 - no compiler here: use the fallback
-            log.info("int8 GEMV: torch.compile unavailable (%s); using dequantize + matmul", err)
-            _GEMV["fn"] = None
-    fn = _GEMV["fn"]
-    if fn is None:
-        return None
-    try:
-        return fn(x, w, s_row)
-    except Exception as err:  # noqa: BLE001 - e.g. no Triton / C compiler: fall back from now on
-        log.info("int8 GEMV: compiled kernel failed (%s); using dequantize + matmul", str(err).splitlines()[0][:200])
-        _GEMV["fn"] = None
-        return None
 
 
 def check_kernel(kernel: str) -> str:
@@ -377,51 +314,14 @@ class Int8Linear(PackedLinear):
     def _build_fast(self, device: torch.device) -> FastPath | None:
         w, scales, act = self.weight_int8, self.scales, self._act_int8
         if device.type == "cuda":
-            return self._build_cuda()
+            return fp.int8_cuda(w, scales, act)
         if device.type != "cpu":
             self._note(f"no fast path on {device.type}")
             return None
         if self.in_features % 8 != 0:
             self._note(f"_weight_int8pack_mm needs K % 8 == 0, K={self.in_features}")
             return None
-        s1 = scales.reshape(-1).contiguous()  # (N,) bf16
-        op = torch.ops.aten._weight_int8pack_mm
-        limit = CPU_KERNEL_MAX_ROWS
-        lib = native.library() if self.kernel == "auto" and native.int8_supported(self.in_features) else None
-
-        def run_cpu(x2: Tensor) -> Tensor | None:
-            if x2.shape[0] > limit:
-                return None
-            xq = P.fake_quantize_per_token(x2) if act else x2
-            if lib is not None and x2.shape[0] <= NATIVE_MAX_ROWS:
-                return native.int8_linear(lib, xq.float().contiguous(), w, s1).to(x2.dtype)
-            return op(xq.to(torch.bfloat16).contiguous(), w, s1).to(x2.dtype)
-
-        return run_cpu
-
-    def _build_cuda(self) -> FastPath:
-        """int8 x int8 ``torch._int_mm`` with int8 activations (M > 16); a compiled fused
-        dequantize-GEMV reading the int8 weight directly for decode (M <= 16); else bf16
-        dequantize + matmul."""
-        w, scales, act = self.weight_int8, self.scales, self._act_int8
-        int_mm_ok = act and self.in_features % 8 == 0 and self.out_features % 8 == 0
-        w_t = w.t()  # (K, N) column-major view, the layout cuBLAS int8 GEMM wants
-        s_row = scales.float().reshape(1, -1)  # (1, N)
-
-        def run_cuda(x2: Tensor) -> Tensor:
-            if int_mm_ok and x2.shape[0] > 16:
-                codes, sx = P.quantize_per_token(x2)  # int8 (M, K), bf16 (M, 1)
-                acc = torch._int_mm(codes.contiguous(), w_t)  # int32 (M, N)
-                return (acc.float() * sx.float() * s_row).to(x2.dtype)
-            xq = P.fake_quantize_per_token(x2) if act else x2
-            if x2.shape[0] <= GEMV_MAX_ROWS:
-                y = int8_gemv(xq.to(torch.bfloat16), w, s_row)
-                if y is not None:
-                    return y.to(x2.dtype)
-            wb = w.to(torch.bfloat16) * scales  # (N, K) bf16, transient
-            return F.linear(xq.to(torch.bfloat16), wb).to(x2.dtype)
-
-        return run_cuda
+        return fp.int8_cpu(w, scales, act, own_kernels=self.kernel == "auto")
 
 
 class Int4Linear(PackedLinear):
@@ -472,92 +372,21 @@ class Int4Linear(PackedLinear):
     def _row_codes(self, rows: Tensor) -> Tensor:
         return P.unpack_int4(self.weight_packed[rows])
 
-    def _scale_and_zero(self, group: int, n_pad: int) -> Tensor:
-        """tinygemm ``[K/group, N + n_pad, 2]`` bf16: scale and ``(8 - zero) * scale``."""
-        s = self.scales.float()  # (N, G)
-        z = None if self.zeros is None else self.zeros.float()
-        g_kernel = self.in_features // group
-        if s.shape[1] != g_kernel:  # per channel run with a kernel group: repeat the scale
-            s = s.expand(-1, g_kernel)
-            z = None if z is None else z.expand(-1, g_kernel)
-        offset = torch.zeros_like(s) if z is None else (8.0 - z) * s
-        sz = F.pad(torch.stack((s, offset), dim=-1), (0, 0, 0, 0, 0, n_pad))  # (N + pad, G', 2)
-        return sz.transpose(0, 1).contiguous().to(torch.bfloat16)
-
     def _build_fast(self, device: torch.device) -> FastPath | None:
         group = kernel_group(self.spec, self.in_features)
         if group is None:
             self._note(f"int4 kernels need a group in {list(INT4_KERNEL_GROUPS)} dividing K={self.in_features}")
             return None
+        w = fp.Int4Weight(self.weight_packed, self.scales, self.zeros, self.in_features, self.spec.group_size)
         if device.type == "cuda":
-            return self._build_cuda(device, group)
+            k, n = self.in_features, self.out_features
+            if not (n % 8 == 0 and any(k % (t * 16) == 0 for t in (8, 4, 2))):
+                self._note(f"tinygemm needs N % 8 == 0 and K % 32 == 0 (N={n}, K={k}); dequantize + matmul only")
+            return fp.int4_cuda(w, group, self._act_int8)
         if device.type != "cpu":
             self._note(f"no fast path on {device.type}")
             return None
-        limit, act = CPU_KERNEL_MAX_ROWS, self._act_int8
-        own_group = self.in_features // self.scales.shape[1]
-        use_native = self.kernel == "auto" and native.int4_supported(self.in_features, own_group)
-        lib = native.library() if use_native else None
-        wp, scales, zeros = self.weight_packed, self.scales.contiguous(), self.zeros
-        tinygemm: list[FastPath] = []  # PyTorch's kernel, repacked on first use only
-
-        def run_cpu(x2: Tensor) -> Tensor | None:
-            if x2.shape[0] > limit:
-                return None
-            xq = P.fake_quantize_per_token(x2) if act else x2
-            if lib is not None and x2.shape[0] <= NATIVE_MAX_ROWS:
-                return native.int4_linear(lib, xq.float().contiguous(), wp, scales, zeros, own_group).to(x2.dtype)
-            if not tinygemm:
-                tinygemm.append(self._build_tinygemm_cpu(group))
-            return tinygemm[0](xq)
-
-        return run_cpu
-
-    def _build_tinygemm_cpu(self, group: int) -> FastPath:
-        """``aten._weight_int4pack_mm_for_cpu`` on a repacked copy (bf16 activations)."""
-        n = self.out_features
-        n_pad = -n % 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
-        codes = self.codes().to(torch.int32)
-        codes = F.pad(codes, (0, 0, 0, n_pad), value=8)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        sz = self._scale_and_zero(group, n_pad)
-        op = torch.ops.aten._weight_int4pack_mm_for_cpu
-
-        def run(xq: Tensor) -> Tensor:
-            y = op(xq.to(torch.bfloat16).contiguous(), packed, group, sz)
-            return (y[:, :n] if n_pad else y).to(xq.dtype)
-
-        return run
-
-    def _build_cuda(self, device: torch.device, group: int) -> FastPath | None:
-        k, n = self.in_features, self.out_features
-        tiles = next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
-        use_tinygemm = tiles is not None and n % 8 == 0
-        if use_tinygemm:
-            p = self.weight_packed
-            swapped = ((p & 0x0F) << 4) | (p >> 4)  # tinygemm wants the even column in the high nibble
-            tiled = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), tiles)
-            sz = self._scale_and_zero(group, 0)
-        else:
-            self._note(f"tinygemm needs N % 8 == 0 and K % 32 == 0 (N={n}, K={k}); dequantize + matmul only")
-        limit, act = CUDA_TINYGEMM_MAX_ROWS, self._act_int8
-
-        def run_cuda(x2: Tensor) -> Tensor:
-            xb = (P.fake_quantize_per_token(x2) if act else x2).to(torch.bfloat16).contiguous()
-            if use_tinygemm and x2.shape[0] <= limit:
-                y = torch.ops.aten._weight_int4pack_mm(xb, tiled, group, sz)
-            else:
-                y = F.linear(xb, self._dequantize_bf16())
-            return y.to(x2.dtype)
-
-        return run_cuda
-
-    def _dequantize_bf16(self) -> Tensor:
-        """bf16 ``[N, K]`` weight, computed without a float32 copy."""
-        n, k = self.out_features, self.in_features
-        zero = 8.0 if self.zeros is None else self.zeros.to(torch.bfloat16).unsqueeze(-1)
-        cg = P.group_view(self.codes(), self.spec.group_size).to(torch.bfloat16)  # (N, G, g)
-        return ((cg - zero) * self.scales.unsqueeze(-1)).reshape(n, k)
+        return fp.int4_cpu(w, group, self._act_int8, own_kernels=self.kernel == "auto")
 
 
 class QuantEmbedding(nn.Module):

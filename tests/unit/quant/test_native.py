@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from qtrain.quant import native
 from qtrain.quant import primitives as P
-from qtrain.quant.packed import NATIVE_MAX_ROWS, Int4Linear, Int8Linear, PackedLinear
+from qtrain.quant.fastpaths import NATIVE_MAX_ROWS
+from qtrain.quant.packed import Int4Linear, Int8Linear, PackedLinear
 from qtrain.quant.primitives import LayerSpec
 
 CAN_BUILD = (
