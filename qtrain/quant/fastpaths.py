@@ -175,13 +175,16 @@ def int8_cuda(w: Tensor, scales: Tensor, act_int8: bool) -> FastPath:
     return run_cuda
 
 
-def int4_cuda(w: Int4Weight, group: int, act_int8: bool) -> FastPath:
+def int4_cuda(w: Int4Weight, group: int, act_int8: bool, note: Callable[[str], None]) -> FastPath:
     """tinygemm ``aten._weight_int4pack_mm`` up to :data:`CUDA_TINYGEMM_MAX_ROWS` rows when the
-    shape allows it (N % 8 == 0, K a multiple of 32), dequantize to bf16 + matmul otherwise."""
+    shape allows it (N % 8 == 0, K a multiple of 32; else ``note`` says so), dequantize to bf16
+    + matmul otherwise."""
     k, n = w.in_features, w.out_features
     tiles = next((t for t in (8, 4, 2) if k % (t * 16) == 0), None)
     use_tinygemm = tiles is not None and n % 8 == 0
-    if use_tinygemm:
+    if not use_tinygemm:
+        note(f"tinygemm needs N % 8 == 0 and K % 32 == 0 (N={n}, K={k}); dequantize + matmul only")
+    else:
         p = w.packed
         swapped = ((p & 0x0F) << 4) | (p >> 4)  # tinygemm wants the even column in the high nibble
         tiled = torch.ops.aten._convert_weight_to_int4pack(swapped.contiguous(), tiles)

@@ -379,10 +379,7 @@ class Int4Linear(PackedLinear):
             return None
         w = fp.Int4Weight(self.weight_packed, self.scales, self.zeros, self.in_features, self.spec.group_size)
         if device.type == "cuda":
-            k, n = self.in_features, self.out_features
-            if not (n % 8 == 0 and any(k % (t * 16) == 0 for t in (8, 4, 2))):
-                self._note(f"tinygemm needs N % 8 == 0 and K % 32 == 0 (N={n}, K={k}); dequantize + matmul only")
-            return fp.int4_cuda(w, group, self._act_int8)
+            return fp.int4_cuda(w, group, self._act_int8, self._note)
         if device.type != "cpu":
             self._note(f"no fast path on {device.type}")
             return None
