@@ -1,8 +1,10 @@
 """Checkpoint tools behind the one entrypoint: `qtrain mode=verify` and `qtrain mode=upgrade`.
 
-`verify` checks a checkpoint (or every checkpoint of a run dir) the way loading does, and
-more: manifest, file list, sizes, SHA-256, safetensors headers, that the model the manifest
-describes builds and loads the weights strictly, and that the trainer state resolves. It
+`verify` checks a checkpoint (or every checkpoint of a run dir) through the very path loading
+takes (`checkpoint.verify_checkpoint`: manifest seal and values, file list, sizes, SHA-256,
+safetensors headers, tensors against the described model on the meta device, quantization
+parameters, trainer state), then reads every tensor and loads the weights strictly into the
+model, as loading does. What verify accepts loads; what loading refuses, verify refuses. It
 prints what the checkpoint holds. `upgrade` writes a migrated copy at the current format
 version into a new directory, atomically, and never touches the original.
 
@@ -24,7 +26,7 @@ import torch
 from rich.table import Table
 
 from qtrain import checkpoint as ck
-from qtrain.console import console, rank
+from qtrain.console import console, plain, rank
 from qtrain.errors import CheckpointError, ConfigError
 from qtrain.runner import RunContext, model_from_checkpoint, n_params_of
 
@@ -83,15 +85,18 @@ def verify_full(path: Path) -> Verified:
 
 
 def _files_table(v: Verified) -> Table:
-    table = Table(title=f"files of {v.path}", header_style="bold")
+    table = Table(title=plain(f"files of {v.path}"), header_style="bold")
     for col in ("file", "bytes", "sha256"):
         table.add_column(col, justify="right" if col == "bytes" else "left")
     files = v.manifest["files"]
     for name in sorted(files):
-        table.add_row(name, f"{files[name]['bytes']:,}", files[name]["sha256"][:16] + "…")
+        table.add_row(plain(name), f"{files[name]['bytes']:,}", plain(str(files[name]["sha256"])[:16] + "…"))
     manifest_bytes = (v.path / ck.MANIFEST).stat().st_size
-    table.add_row(ck.MANIFEST, f"{manifest_bytes:,}", "(not hashed: it holds the hashes)")
-    table.add_row("[bold]total[/bold]", f"[bold]{total_bytes(v):,}[/bold]", "")
+    seal = v.manifest.get(ck.MANIFEST_HASH, "")
+    old = v.manifest.get("migrated_from")
+    sealed = f"sealed {seal[:16]}…" if old is None else f"not sealed (format {old}; mode=upgrade seals it)"
+    table.add_row(ck.MANIFEST, f"{manifest_bytes:,}", plain(sealed))
+    table.add_row(plain("total", "bold"), plain(f"{total_bytes(v):,}", "bold"), "")
     return table
 
 
@@ -105,19 +110,24 @@ def _layers_table(quant: Any) -> Table | None:
     if not layers:
         return None
     state = quant.get("state") if isinstance(quant, dict) else None
-    table = Table(title=f"quantization per layer ({state or 'stored'})", header_style="bold")
+    table = Table(title=plain(f"quantization per layer ({state or 'stored'})"), header_style="bold")
     for col in ("layer", "scheme", "bits", "group", "sym", "act", "in->out", "tied_to"):
         table.add_column(col, no_wrap=col == "layer")
     for name, s in layers.items():
         table.add_row(
-            name,
-            str(s.get("scheme")),
-            str(s.get("bits", "")),
-            str(s.get("group_size", "")),
-            "yes" if s.get("symmetric", True) else "no",
-            str(s.get("activations", "none")),
-            f"{s.get('in_features', '?')}->{s.get('out_features', '?')}",
-            str(s.get("tied_to") or ""),
+            *map(
+                plain,
+                (
+                    name,
+                    s.get("scheme"),
+                    s.get("bits", ""),
+                    s.get("group_size", ""),
+                    "yes" if s.get("symmetric", True) else "no",
+                    s.get("activations", "none"),
+                    f"{s.get('in_features', '?')}->{s.get('out_features', '?')}",
+                    s.get("tied_to") or "",
+                ),
+            )
         )
     return table
 
@@ -128,7 +138,7 @@ def _status_table(results: list[tuple[Path, str]]) -> Table:
     table.add_column("status", overflow="fold")
     for path, status in results:
         style = "green" if status == "ok" else "red"
-        table.add_row(path.name, f"[{style}]{status}[/{style}]")
+        table.add_row(plain(path.name), plain(status, style))  # error text names paths: never markup
     return table
 
 
@@ -152,6 +162,7 @@ def _report(ctx: RunContext, v: Verified, **extra: Any) -> dict[str, Any]:
         "val_ppl": None,
         "checkpoint": str(v.path),
         "checkpoint_bytes": total_bytes(v),
+        "model_bytes": (v.manifest["files"].get(ck.MODEL_FILE) or {}).get("bytes"),
         **extra,
         "format_version": m.get("migrated_from", ck.FORMAT_VERSION),
         "current_format_version": ck.FORMAT_VERSION,
@@ -228,8 +239,10 @@ def run_upgrade(ctx: RunContext) -> dict[str, Any]:
     _show(_layers_table(v.manifest.get("quant")), _files_table(v))
     if rank() == 0:
         console.print(
-            f"upgraded {src} (format_version {before}) -> {out} (format_version {ck.FORMAT_VERSION}); "
-            f"the original is unchanged"
+            plain(
+                f"upgraded {src} (format_version {before}) -> {out} (format_version {ck.FORMAT_VERSION}); "
+                f"the original is unchanged"
+            )
         )
     return _report(ctx, v, source=str(src), source_format_version=before, ok=True)
 

@@ -1,154 +1,56 @@
 """The `qtrain` entrypoint: compose with Hydra, validate, dispatch, map errors to exit codes.
 
-Before Hydra creates a run directory, a plain (non-multirun) invocation is composed once
-and validated: typos, unknown group options and out-of-range values are all reported
-together with exit code 2, and no directory is created.
+Before Hydra creates a run or sweep directory, the run (or every job of a `-m` sweep) is
+composed and validated (`qtrain.precheck`): typos, unknown group options, out-of-range values,
+`device=cuda` without CUDA and hooks that cannot be built are all reported together with exit
+code 2, and no directory is created. `--version`, `--help` and tab completion never import
+torch (`qtrain.cli_flags`).
 """
 
 from __future__ import annotations
 
-import difflib
+import contextlib
 import errno
 import json
 import os
 import re
-import signal
+import shutil
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from rich.markup import escape
 
-from qtrain import distributed
+from qtrain import cli_flags, rundir, runlock, runtime
 from qtrain.config import RunConfig, register_configs, validate
-from qtrain.console import err_console, rank
+from qtrain.console import console, err_console, rank
 from qtrain.errors import (
     EXIT_BUG,
     EXIT_CONFIG,
     EXIT_OK,
     EXIT_RESOURCES,
+    EXIT_SIGINT,
     EXIT_SIGTERM,
     ConfigError,
+    Interrupted,
     NonFiniteError,
+    Preempted,
     QtrainError,
 )
+from qtrain.precheck import CONF_MODULE, fail, precheck  # noqa: F401 - fail: part of the CLI's API
 
-CONF_MODULE = "qtrain.conf"
-NO_PRECHECK_FLAGS = {
-    "-m",
-    "--multirun",
-    "--cfg",
-    "-c",
-    "--help",
-    "-h",
-    "--hydra-help",
-    "--info",
-    "-i",
-    "--shell-completion",
-    "-sc",
-    "--version",
-    "--resolve",
-    "-p",
-    "--package",
-}
 STATUS_FILE = "status.json"
 DISTRIBUTED_MODES = ("train", "qat", "finetune")
 _failures: list[dict[str, Any]] = []
 _started: list[bool] = []
 _jobs: list[dict[str, Any]] = []
 _sweep_dir: list[Path] = []
-_sweep_stopped: list[bool] = []
-"""Set when a multirun job ended on SIGTERM: the jobs after it are skipped, not run."""
-
-
-def conf_dir() -> Path:
-    """The shipped config directory (`qtrain.conf`)."""
-    import qtrain.conf
-
-    return Path(qtrain.conf.__file__).parent
-
-
-def group_options(group: str) -> list[str]:
-    """The YAML options of a config group, as users type them."""
-    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
-
-
-def fail(message: str, code: int) -> None:
-    """Print one clear error paragraph and exit with `code`."""
-    err_console.print(f"[bold red]error:[/bold red] {message}", markup=True, highlight=False)
-    sys.exit(code)
-
-
-# ---------------------------------------------------------------- pre-validation
-
-
-def _overrides(argv: list[str]) -> list[str]:
-    return [a for a in argv if not a.startswith("-")]
-
-
-def _explain_composition_error(err: Exception, overrides: list[str]) -> str:
-    text = str(err).strip()
-    missing = re.search(r"Could not (?:find|load) '([\w/]+)/([\w.-]+)'", text)
-    if missing:
-        group, opt = missing.group(1), missing.group(2)
-        return f"{group}={opt}: no such option in group '{group}'; valid choices: {', '.join(group_options(group))}"
-    key = re.search(r"Key '([\w]+)' (?:is )?not in '(\w+)'", text) or re.search(r"Could not override '([\w.]+)'", text)
-    if key:
-        bad = next((o.split("=")[0].lstrip("+~") for o in overrides if key.group(1) in o.split("=")[0]), key.group(1))
-        parent, _, leaf = bad.rpartition(".")
-        valid = _valid_keys(parent)
-        close = difflib.get_close_matches(leaf, valid, n=3)
-        hint = f" Did you mean {', '.join(f'{parent}.{c}' if parent else c for c in close)}?" if close else ""
-        return f"{bad}: unknown config key.{hint} Valid keys{' of ' + parent if parent else ''}: {', '.join(valid)}"
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _valid_keys(parent: str) -> list[str]:
-    node: Any = OmegaConf.structured(RunConfig)
-    for part in filter(None, parent.split(".")):
-        node = node.get(part) if isinstance(node, DictConfig) else None
-    node = node if isinstance(node, DictConfig) else OmegaConf.structured(RunConfig)
-    return sorted(str(k) for k in node)
-
-
-def _check_writable(run_dir: str) -> str | None:
-    p = Path(run_dir).absolute()
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK):
-        return f"hydra.run.dir: output directory {run_dir} is not writable ({p} is not a writable directory)"
-    return None
-
-
-def precheck(argv: list[str]) -> None:
-    """Compose and validate like the real run; on problems print them all and exit 2."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    overrides = _overrides(argv)
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(CONF_MODULE, version_base=None):
-            dcfg = compose("config", overrides=overrides, return_hydra_config=True)
-            run_dir = str(dcfg.hydra.run.dir)
-            OmegaConf.set_struct(dcfg, False)
-            dcfg.pop("hydra")
-            cfg = OmegaConf.to_object(dcfg)
-    except Exception as err:  # noqa: BLE001 - every composition failure is a user error here
-        fail(_explain_composition_error(err, overrides), EXIT_CONFIG)
-    finally:
-        GlobalHydra.instance().clear()
-    assert isinstance(cfg, RunConfig)
-    problems = validate(cfg)
-    if (msg := _check_writable(run_dir)) is not None:
-        problems.append(msg)
-    if problems:
-        listed = "\n  - ".join(problems)
-        fail(
-            f"invalid configuration ({len(problems)} problem{'s' if len(problems) > 1 else ''}):\n  - {listed}",
-            EXIT_CONFIG,
-        )
+_sweep_stopped: list[int] = []
+"""Set (to 130/143) when a multirun job or the sweep got SIGINT/SIGTERM: later jobs are skipped, not run."""
+STOP_CODES = (EXIT_SIGINT, EXIT_SIGTERM)
 
 
 # ---------------------------------------------------------------- running one job
@@ -172,11 +74,32 @@ def _nonfinite_message(err: NonFiniteError, run_dir: Path) -> str:
     )
 
 
-def _oom_message(cfg: RunConfig) -> str:
+_OOM_TEXT = re.compile(r"DefaultCPUAllocator|(can't|cannot) allocate memory|not enough memory|out of memory", re.I)
+"""What the allocators' RuntimeErrors say when memory runs out (CPU: ``DefaultCPUAllocator: can't
+allocate memory: you tried to allocate N bytes``; MPS and others: ``... out of memory``)."""
+
+
+def _is_oom(err: BaseException) -> bool:
+    """Whether `err` is an allocator's out-of-memory error (by type, or a RuntimeError by its text)."""
+    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or bool(
+        isinstance(err, RuntimeError) and _OOM_TEXT.search(str(err))
+    )
+
+
+def _oom_message(cfg: RunConfig, ctx: Any = None, device: str = "cpu") -> str:
+    """Exit-5 advice: the sizes in use and the overrides that reduce memory (no traceback)."""
+    model = getattr(ctx, "memory_model", None) or cfg.model
+    mem = getattr(ctx, "memory", None) or {}
+    estimate = ""
+    if mem:
+        need, avail = mem["memory_estimate_bytes"] / 1e9, mem["memory_available_bytes"] / 1e9
+        estimate = f"; qtrain estimated {need:.2f} GB of the {avail:.2f} GB available"
     return (
-        f"out of memory with train.batch_size={cfg.train.batch_size} and model.block_size={cfg.model.block_size} "
-        f"(model={cfg.model.name}). Reduce memory with train.batch_size=<smaller> and train.grad_accum=<larger> "
-        f"(same effective batch), a smaller model.block_size, or device=cpu."
+        f"out of memory with train.batch_size={cfg.train.batch_size} and model.block_size={model.block_size} "
+        f"(model={model.name}{estimate}). Reduce memory with train.batch_size=<smaller> and "
+        f"train.grad_accum=<larger> (the same sequences per step), train.activation_checkpointing=true "
+        f"(recompute activations in the backward pass), a smaller model.block_size (a new model), or fewer "
+        f"ptq.calib_batches (GPTQ){', or device=cpu' if device == 'cuda' else ''}."
     )
 
 
@@ -184,6 +107,7 @@ def execute(cfg: RunConfig, run_dir: Path, overrides: list[str] | None = None) -
     """Run one job in `run_dir`; return its exit code (messages printed, never raised)."""
     import torch
 
+    from qtrain import distributed
     from qtrain.modes import run
     from qtrain.runner import RunContext
 
@@ -199,10 +123,20 @@ def execute(cfg: RunConfig, run_dir: Path, overrides: list[str] | None = None) -
         return EXIT_OK  # ptq / eval / generate / tools run on rank 0 alone
     torch.manual_seed(cfg.seed)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, device=device, overrides=list(overrides or []))
-    previous = signal.signal(signal.SIGTERM, lambda *_: ctx.stop.set())
+    stopper = runtime.SignalStop(lambda _: ctx.stop.set())  # SIGINT/SIGTERM: see qtrain.runtime
+    previous = runtime.install(stopper)
+    threads_before = torch.get_num_threads()
     try:
+        torch.set_num_threads(_threads(cfg))
         run(ctx)
-        return EXIT_SIGTERM if ctx.stop.is_set() else EXIT_OK
+        return stopper.exit_code or (EXIT_SIGTERM if ctx.stop.is_set() else EXIT_OK)
+    except Interrupted as err:
+        err_console.print(f"[bold red]stopped:[/bold red] {escape(str(err))}")
+        return err.exit_code
+    except Preempted as err:
+        code = stopper.exit_code or err.exit_code
+        err_console.print(f"[bold red]stopped:[/bold red] {escape(_preempted_message(err, code))}")
+        return code
     except NonFiniteError as err:
         err_console.print(f"[bold red]error:[/bold red] {_nonfinite_message(err, run_dir)}")
         return err.exit_code
@@ -219,8 +153,10 @@ def execute(cfg: RunConfig, run_dir: Path, overrides: list[str] | None = None) -
         err_console.print(f"[bold red]error:[/bold red] {err}")
         _cleanup_empty_run_dir(run_dir)
         return EXIT_CONFIG
-    except (torch.cuda.OutOfMemoryError, MemoryError):
-        err_console.print(f"[bold red]error:[/bold red] {_oom_message(cfg)}")
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError, the CPU allocator's RuntimeError
+        if not _is_oom(err):
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {escape(_oom_message(cfg, ctx, device.type))}")
         return EXIT_RESOURCES
     except OSError as err:
         if err.errno != errno.ENOSPC:
@@ -228,15 +164,37 @@ def execute(cfg: RunConfig, run_dir: Path, overrides: list[str] | None = None) -
         err_console.print(f"[bold red]error:[/bold red] disk full: {err}")
         return EXIT_RESOURCES
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        runtime.restore(previous)
+        torch.set_num_threads(threads_before)
+
+
+def _threads(cfg: RunConfig) -> int:
+    """The run's thread count (``threads``), with a warning when it exceeds the usable cores."""
+    n, cores = runtime.resolve_threads(cfg.threads), runtime.available_cores()
+    if n > cores:
+        err_console.print(
+            f"[yellow]warning:[/yellow] threads={n} exceeds the {cores} core(s) this process may run on; "
+            f"threads compete for cores (slower, noisier timings). threads=auto uses {runtime.auto_threads()}"
+        )
+    return n
+
+
+def _preempted_message(err: Preempted, code: int) -> str:
+    """The trainer's "SIGTERM at step N: ..." naming the signal that actually came."""
+    return str(err).replace("SIGTERM", runtime.signal_name(code), 1)
 
 
 def _write_status(run_dir: Path, code: int, overrides: list[str]) -> None:
+    """status.json (rank 0), under the run dir's lock: never into a dir another live qtrain holds, nor via a link."""
     if rank() != 0:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
     status = {"exit_code": code, "ok": code == 0, "overrides": overrides}
-    (run_dir / STATUS_FILE).write_text(json.dumps(status, indent=2) + "\n")
+    try:
+        rundir.make_dirs(run_dir)
+        with runlock.hold(run_dir):
+            rundir.write_atomic(run_dir / STATUS_FILE, json.dumps(status, indent=2) + "\n")
+    except ConfigError as err:
+        err_console.print(f"[yellow]warning:[/yellow] {STATUS_FILE} not written: {escape(str(err))}")
 
 
 def _task(dcfg: DictConfig) -> None:
@@ -247,18 +205,20 @@ def _task(dcfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
-    if _sweep_stopped:  # an earlier job of this sweep was stopped by SIGTERM
-        err_console.print(f"skipped after SIGTERM: {' '.join(overrides)}")
-        _write_status(run_dir, EXIT_SIGTERM, overrides)
-        _jobs.append(
-            {"dir": str(run_dir), "exit_code": EXIT_SIGTERM, "ok": False, "overrides": overrides, "skipped": True}
-        )
-        _failures.append({"dir": str(run_dir), "exit_code": EXIT_SIGTERM, "overrides": overrides})
+    if _sweep_stopped:  # an earlier job of this sweep, or the sweep, was stopped by SIGINT/SIGTERM
+        stop = _sweep_stopped[0]
+        err_console.print(f"skipped after {runtime.signal_name(stop)}: {escape(' '.join(overrides))}")
+        _write_status(run_dir, stop, overrides)
+        _jobs.append({"dir": str(run_dir), "exit_code": stop, "ok": False, "overrides": overrides, "skipped": True})
+        _failures.append({"dir": str(run_dir), "exit_code": stop, "overrides": overrides})
         return
     try:
         cfg = OmegaConf.to_object(dcfg)
         assert isinstance(cfg, RunConfig)
         code = execute(cfg, run_dir, overrides)
+    except Interrupted as err:  # a signal before execute took over (composing this job's config)
+        err_console.print(f"[bold red]stopped:[/bold red] {escape(str(err))}")
+        code = err.exit_code
     except Exception:  # noqa: BLE001 - a bug: show it, record it, keep sweeps going
         traceback.print_exc()
         code = EXIT_BUG
@@ -268,8 +228,8 @@ def _task(dcfg: DictConfig) -> None:
         _sweep_dir[:] = [Path(hc.sweep.dir)]
         if code != EXIT_OK:
             _failures.append({"dir": str(run_dir), "exit_code": code, "overrides": overrides})
-        if code == EXIT_SIGTERM:  # a stop request ends the sweep, not only this job
-            _sweep_stopped.append(True)
+        if code in STOP_CODES and not _sweep_stopped:  # a stop request ends the sweep, not only this job
+            _sweep_stopped.append(code)
         return
     if run_dir.exists():
         _write_status(run_dir, code, overrides)
@@ -277,39 +237,121 @@ def _task(dcfg: DictConfig) -> None:
         sys.exit(code)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entrypoint (`qtrain ...`)."""
-    import hydra
+def _stop_sweep(code: int) -> None:
+    if not _sweep_stopped:
+        _sweep_stopped.append(code)
 
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entrypoint (`qtrain ...`).
+
+    SIGINT/SIGTERM outside a job (start-up, between the jobs of a sweep) are handled here;
+    inside a job, `execute`'s handler takes over (see `qtrain.runtime`).
+    """
     argv = sys.argv[1:] if argv is None else argv
     _started.clear()  # fresh per call: tests and notebooks call main() repeatedly in one process
     _failures.clear()
     _jobs.clear()
     _sweep_dir.clear()
     _sweep_stopped.clear()
+    sweep = bool({"-m", "--multirun"}.intersection(argv))
+    note = "the sweep stops; jobs not started are skipped"
+    guard = runtime.SignalStop(_stop_sweep if sweep else None, only_in_training=False, note=note)
+    previous = runtime.install(guard)
+    if (openmp := runtime.openmp_wait_policy()) is not None and rank() == 0:  # before torch is imported
+        err_console.print(f"note: {openmp}", markup=False, style="dim")
+    try:
+        _main(argv)
+    except Interrupted as err:
+        err_console.print(f"[bold red]stopped:[/bold red] {escape(str(err))}")
+        sys.exit(err.exit_code)
+    finally:
+        runtime.restore(previous)
+
+
+def _before_hydra(flags: cli_flags.Flags, argv: list[str]) -> tuple[list[str], Path | None, str | None]:
+    """Check the run (exit 2 on problems); pick a scratch run dir or a distributed one.
+
+    Returns:
+        The argv Hydra gets, the scratch run dir to remove afterwards (or None), the mode.
+    """
+    scratch: Path | None = None
+    mode: str | None = None
+    if flags.precheck:
+        configs = precheck(flags.overrides, flags.multirun)
+        mode = configs[0].mode.name if configs and configs[0] is not None else None
+        if rank() == 0:  # before Hydra writes .hydra/ there: no planted links, no live holder
+            try:
+                runlock.check_named_dirs(flags.overrides, flags.multirun)
+            except ConfigError as err:
+                fail(str(err))  # plain text: fail never reads markup
+        if flags.scratch(mode):  # eval/generate/verify: no outputs/DATE/TIME unless asked (cli_flags)
+            scratch = Path(tempfile.mkdtemp(prefix=f"qtrain-{mode}-"))
+            argv = [*argv, f"hydra.run.dir={scratch}"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        from qtrain import distributed  # imports torch: only for torchrun/SLURM launches
+
+        if distributed.env_world_size() > 1:
+            device = next((a.split("=", 1)[1] for a in argv if a.startswith("device=")), "auto")
+            distributed.init(device)
+            argv = distributed.shared_run_dir(argv)
+    return argv, scratch, mode
+
+
+def _answered(flags: cli_flags.Flags) -> bool:
+    """Answer `--version` and `--help` here (fast, no torch); check `--cfg`/`--info` overrides.
+
+    Returns:
+        True when the command is done.
+    """
+    if flags.version:  # before Hydra, which would print only its own version
+        console.print(cli_flags.version_line(), markup=False)
+        return True
     register_configs()
-    if not NO_PRECHECK_FLAGS.intersection(argv):
-        precheck(argv)
-    if distributed.env_world_size() > 1:
-        device = next((a.split("=", 1)[1] for a in argv if a.startswith("device=")), "auto")
-        distributed.init(device)
-        argv = distributed.shared_run_dir(argv)
+    cli_flags.register_help()
+    if flags.help and not flags.own_config:  # one composition, not Hydra's listing of every group
+        cli_flags.print_help(flags.overrides, flags.resolve)
+        return True
+    if flags.shows_config and not flags.own_config:  # typos get qtrain's message, not Hydra's
+        precheck(flags.overrides, flags.multirun, values=False)
+    return False
+
+
+def _main(argv: list[str]) -> None:
+    flags = cli_flags.parse_flags(argv)
+    if _answered(flags):
+        return
+    import hydra
+
+    argv, scratch, mode = _before_hydra(flags, argv)
     sys.argv = [sys.argv[0] if sys.argv else "qtrain", *argv]
     wrapped = hydra.main(version_base=None, config_path="pkg://" + CONF_MODULE, config_name="config")(_task)
     try:
-        wrapped()
+        with cli_flags.completion_output() if flags.completion else contextlib.nullcontext():
+            wrapped()
     except SystemExit as exit_:
         if exit_.code == 1 and not _started:  # Hydra's own composition errors exit 1
             sys.exit(EXIT_CONFIG)
         raise
     finally:
-        distributed.finish()
+        if "qtrain.distributed" in sys.modules:  # a process group may have been joined
+            sys.modules["qtrain.distributed"].finish()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if scratch is not None and rank() == 0:
+        note = f"note: mode={mode} kept no run directory; pass hydra.run.dir=DIR to keep report.json"
+        err_console.print(f"[dim]{note}[/dim]")
     if _jobs and rank() == 0:
         sweep_dir = _sweep_dir[0] if _sweep_dir else Path(_jobs[0]["dir"]).parent
         summary = {"jobs": _jobs, "failed": len(_failures), "succeeded": len(_jobs) - len(_failures)}
-        (sweep_dir / "sweep_status.json").write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            rundir.write_atomic(sweep_dir / "sweep_status.json", json.dumps(summary, indent=2) + "\n")
+        except ConfigError as err:  # a planted link or a directory in its place: refused, never written through
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}")
+            if not _failures:
+                sys.exit(EXIT_CONFIG)
     if _failures:
         err_console.print(f"[bold red]{len(_failures)} job(s) failed:[/bold red]")
         for f in _failures:
             err_console.print(f"  exit {f['exit_code']}: {' '.join(f['overrides'])}  ({f['dir']})")
-        sys.exit(_failures[0]["exit_code"])
+        sys.exit(_sweep_stopped[0] if _sweep_stopped else _failures[0]["exit_code"])

@@ -13,15 +13,21 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+
+from qtrain.jobdir import register_resolver
 
 MODES = ("train", "ptq", "qat", "finetune", "eval", "generate", "verify", "upgrade", "report")
 SCHEME_NAMES = ("none", "int8", "int4", "int8da_int4w")
 GROUP_SIZES = (32, 64, 128, 256)
 PTQ_METHODS = ("rtn", "mse", "gptq")
+TRAINING_MODES = ("train", "qat", "finetune")
+"""Modes that run the optimisation loop (train.* schedule applies)."""
+KERNELS = ("auto", "native", "torch", "reference")
 
 
 @dataclass
@@ -75,7 +81,8 @@ class QuantConfig:
     lm_head: bool = False
     """Also quantize the output head."""
     kernel: str = "auto"
-    """auto (qtrain's CPU kernels, else PyTorch's) | torch (PyTorch's packed kernels only) |
+    """auto (on CPU, per machine the faster of qtrain's and PyTorch's decode kernels, measured once
+    and cached) | native (qtrain's CPU kernels) | torch (PyTorch's packed kernels only) |
     reference (dequantize + float32 matmul)."""
 
 
@@ -117,6 +124,9 @@ class TrainConfig:
     """Micro-batches per optimizer step."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: far less
+    memory for activations, about one more forward per step; the same losses and gradients."""
     eval_every: int = 250
     """Validation interval in steps (0: only at the end)."""
     save_every: int = 250
@@ -209,6 +219,9 @@ class RunConfig:
     """Checkpoint dir (or run dir: its latest valid checkpoint) to start a new run from."""
     resume: str = "auto"
     """auto | never | must: continue this run dir from its latest valid checkpoint."""
+    overwrite: bool = False
+    """Discard the checkpoints, metrics.jsonl and report.json an earlier run left in this run dir when
+    starting over (``resume=never``, ``mode=ptq``); without it such a start is refused (exit 2)."""
     compare_to: str | None = None
     """eval: reference checkpoint for KL / top-1 agreement."""
     out: str | None = None
@@ -221,6 +234,9 @@ class RunConfig:
     """auto | cpu | cuda."""
     compile: bool = False
     """torch.compile the training model."""
+    threads: Any = "auto"
+    """CPU threads (PyTorch intra-op and qtrain's kernels): auto (OMP_NUM_THREADS if set, else the
+    cores this process may run on, shared among the processes of a node) | a positive integer."""
     hooks: list[Any] = field(default_factory=list)
     """Experiment hooks: [{_target_: pkg.fn, ...}]."""
 
@@ -230,13 +246,29 @@ def _check(problems: list[str], ok: bool, key: str, msg: str) -> None:
         problems.append(f"{key}: {msg}")
 
 
+def _check_overwrite(p: list[str], cfg: RunConfig) -> None:
+    """`overwrite=true` only where a run starts over in a run dir that may hold checkpoints."""
+    mode = cfg.mode.name
+    if not cfg.overwrite or mode == "ptq" or (mode in ("train", "qat", "finetune") and cfg.resume == "never"):
+        return
+    if mode in ("train", "qat", "finetune"):
+        p.append(
+            f"overwrite: overwrite=true discards this run dir's checkpoints, but resume={cfg.resume} continues "
+            f"from them; to start over use resume=never overwrite=true"
+        )
+    else:
+        p.append(f"overwrite: mode={mode} writes no checkpoints, so there is nothing to discard; drop overwrite=true")
+
+
 def validate(cfg: RunConfig) -> list[str]:
     """Return every configuration problem (empty when valid); each names its key."""
     p: list[str] = []
     m, t, q = cfg.model, cfg.train, cfg.quant
     _check(p, cfg.mode.name in MODES, "mode", f"'{cfg.mode.name}' is not one of {list(MODES)}")
     _check(p, cfg.resume in ("auto", "never", "must"), "resume", f"'{cfg.resume}' must be auto|never|must")
+    _check_overwrite(p, cfg)
     _check(p, cfg.device in ("auto", "cpu", "cuda"), "device", f"'{cfg.device}' must be auto|cpu|cuda")
+    _check(p, _threads_ok(cfg.threads), "threads", f"'{cfg.threads}' must be auto or a positive integer")
     for key in ("n_layer", "n_embd", "n_head", "block_size", "mlp_hidden", "vocab_size"):
         _check(p, getattr(m, key) > 0, f"model.{key}", f"must be > 0 (got {getattr(m, key)})")
     if m.n_head > 0:
@@ -278,14 +310,63 @@ def validate(cfg: RunConfig) -> list[str]:
     _check(p, ev.prefill_tokens >= 0, "eval.prefill_tokens", f"must be >= 0 (0: skip; got {ev.prefill_tokens})")
     _check(p, cfg.generate.max_new_tokens >= 0, "generate.max_new_tokens", "must be >= 0")
     _check(p, cfg.generate.temperature >= 0, "generate.temperature", "must be >= 0")
+    _validate_runnable(p, cfg)
     _validate_mode_inputs(p, cfg)
     return p
+
+
+def warnings_for(cfg: RunConfig) -> list[str]:
+    """Settings that are valid but almost certainly not what was meant: printed, not refused.
+
+    ``train.warmup_steps >= train.max_steps`` is a warning, not an error: a short smoke run
+    (``qtrain train.max_steps=20`` with the default 50 warmup steps) is a common first
+    command, and it still trains; the warning says what the schedule does and how to fix it.
+    """
+    out: list[str] = []
+    t = cfg.train
+    if cfg.mode.name in TRAINING_MODES and 0 < t.max_steps <= t.warmup_steps:
+        out.append(
+            f"train.warmup_steps={t.warmup_steps} >= train.max_steps={t.max_steps}: the learning rate never "
+            f"leaves warmup (it ends at {t.lr * t.max_steps / t.warmup_steps:.3g}, "
+            f"{t.max_steps / t.warmup_steps:.0%} of train.lr={t.lr:g}) and the cosine decay never runs; "
+            f"set train.warmup_steps below train.max_steps, e.g. train.warmup_steps={t.max_steps // 10}"
+        )
+    return out
+
+
+def _threads_ok(value: Any) -> bool:
+    text = str(value).strip()
+    return text.lower() == "auto" or (not isinstance(value, bool) and text.isdigit() and int(text) > 0)
+
+
+SEED_MAX = 2**32 - 1
+"""Largest `seed`: the data order seeds a generator with seed * 100003 + epoch (64-bit)."""
+FLOAT_SECTIONS = ("model", "quant", "data", "train", "ptq", "qat", "generate", "eval")
+
+
+def _validate_runnable(p: list[str], cfg: RunConfig) -> None:
+    """Values in range that the numerics cannot run with: seeds, epsilons, bases, non-finite floats."""
+    m = cfg.model
+    _check(p, 0 <= cfg.seed <= SEED_MAX, "seed", f"must be in [0, {SEED_MAX}] (got {cfg.seed})")
+    damp = f"must be in [1e-6, 1], a fraction of the mean Hessian diagonal (got {cfg.ptq.damp})"
+    _check(p, 1e-6 <= cfg.ptq.damp <= 1, "ptq.damp", damp)
+    _check(p, 1 <= m.rope_theta < math.inf, "model.rope_theta", f"must be a finite base >= 1 (got {m.rope_theta})")
+    _check(p, 1e-12 <= m.norm_eps <= 1, "model.norm_eps", f"must be in [1e-12, 1] (got {m.norm_eps})")
+    if m.vocab_size > 0:  # byte-level tokens: every byte value 0..255 must have an embedding row
+        _check(p, m.vocab_size >= 256, "model.vocab_size", f"must be >= 256 for byte tokens (got {m.vocab_size})")
+    reported = {problem.split(":", 1)[0] for problem in p}
+    for section in FLOAT_SECTIONS:  # inf passes every `> 0` above, nan fails it: one message per key
+        node = getattr(cfg, section)
+        for f in fields(node):
+            value, key = getattr(node, f.name), f"{section}.{f.name}"
+            if isinstance(value, float) and not math.isfinite(value) and key not in reported:
+                p.append(f"{key}: must be a finite number (got {value})")
 
 
 def _validate_quant(p: list[str], q: QuantConfig, m: ModelConfig) -> None:
     _check(p, q.scheme in SCHEME_NAMES, "quant.scheme", f"'{q.scheme}' is not one of {list(SCHEME_NAMES)}")
     _check(p, q.activations in ("none", "int8"), "quant.activations", f"'{q.activations}' must be none|int8")
-    _check(p, q.kernel in ("auto", "torch", "reference"), "quant.kernel", f"'{q.kernel}' must be auto|torch|reference")
+    _check(p, q.kernel in KERNELS, "quant.kernel", f"'{q.kernel}' must be {'|'.join(KERNELS)}")
     if q.scheme in ("int4", "int8da_int4w"):
         ok = q.group_size == -1 or q.group_size in GROUP_SIZES
         _check(p, ok, "quant.group_size", f"{q.group_size} must be one of {list(GROUP_SIZES)} or -1 (per channel)")
@@ -321,10 +402,20 @@ def _validate_mode_inputs(p: list[str], cfg: RunConfig) -> None:
 
 
 def register_configs() -> None:
-    """Register every group's schema in Hydra's ConfigStore (idempotent)."""
+    """Register every group's schema in Hydra's ConfigStore, and the job-dir resolver (idempotent)."""
+    register_resolver()  # also registered on import: a launcher's worker process needs it to name job dirs
     cs = ConfigStore.instance()
-    cs.store(name="run_schema", node=RunConfig)
-    cs.store(group="mode", name="mode_schema", node=ModeConfig)
-    cs.store(group="model", name="model_schema", node=ModelConfig)
-    cs.store(group="quant", name="quant_schema", node=QuantConfig)
-    cs.store(group="data", name="data_schema", node=DataConfig)
+    for group, name, node in SCHEMAS:
+        cs.store(group=group, name=name, node=node)
+
+
+SCHEMAS: tuple[tuple[str | None, str, type], ...] = (
+    (None, "run_schema", RunConfig),
+    ("mode", "mode_schema", ModeConfig),
+    ("model", "model_schema", ModelConfig),
+    ("quant", "quant_schema", QuantConfig),
+    ("data", "data_schema", DataConfig),
+)
+"""(group, name, dataclass) of each ConfigStore entry: the YAML options' schemas, not options
+a user picks, so `--help`, tab completion and error messages never offer these names."""
+SCHEMA_NAMES = frozenset(name for _, name, _ in SCHEMAS)

@@ -2,7 +2,8 @@
 
 The training sampler walks epochs of non-overlapping windows in a seeded order; its
 position (`epoch`, `cursor`) is plain state saved in checkpoints, so a resumed run sees
-exactly the batches an uninterrupted one would.
+exactly the batches an uninterrupted one would. Reading the corpus, the split and the
+fingerprint recorded in reports and manifests live in the torch-free `qtrain.corpus`.
 
 Example:
     >>> corpus = load_corpus(DataConfig())          # embedded pydocs
@@ -13,15 +14,14 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import torch
 
 from qtrain.config import DataConfig
+from qtrain.corpus import DataError, corpus_bytes, fingerprint, fingerprint_name, pydocs_bytes, split_point
 
-
-class DataError(ValueError):
-    """A corpus that cannot be used (missing, empty, binary or too short)."""
+__all__ = ["BatchSampler", "Corpus", "DataError", "load_corpus", "pydocs_text", "val_starts", "windows"]
 
 
 @dataclass
@@ -34,35 +34,13 @@ class Corpus:
     """uint8 tokens of the validation split."""
     source: str
     """Where the text came from."""
+    fingerprint: dict[str, Any]
+    """`name`, `train_bytes`, `train_sha256`, `val_bytes`, `val_sha256` (see `qtrain.corpus.fingerprint`)."""
 
 
 def pydocs_text() -> str:
-    """The Python documentation topics shipped with CPython (`pydoc_data.topics`)."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def _read_text_files(path: Path) -> bytes:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-        if not files:
-            raise DataError(f"data.path: directory {path} contains no .txt files")
-        return b"\n".join(_read_one(p) for p in files)
-    if not path.is_file():
-        raise DataError(f"data.path: {path} does not exist")
-    return _read_one(path)
-
-
-def _read_one(path: Path) -> bytes:
-    raw = path.read_bytes()
-    if b"\x00" in raw[:65536]:
-        raise DataError(f"data.path: {path} looks binary (contains NUL bytes); give UTF-8 text")
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(f"data.path: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    return raw
+    """The embedded `pydocs` corpus as text (a fixed snapshot, the same on every Python)."""
+    return pydocs_bytes().decode("utf-8")
 
 
 def load_corpus(cfg: DataConfig, block_size: int = 0) -> Corpus:
@@ -73,29 +51,31 @@ def load_corpus(cfg: DataConfig, block_size: int = 0) -> Corpus:
         block_size: model context; both splits must hold at least one window of it.
 
     Returns:
-        The split corpus.
+        The split corpus with its fingerprint.
 
     Raises:
         DataError: missing, binary, non-UTF-8 or too-short corpus (message names the file).
     """
-    if cfg.name == "pydocs":
-        raw, source = pydocs_text().encode("utf-8"), "pydocs (pydoc_data.topics)"
-    else:
-        path = Path(str(cfg.path)).expanduser()
-        raw, source = _read_text_files(path), str(path)
+    raw, source = corpus_bytes(cfg.name, cfg.path)
     need = block_size + 1
     min_bytes = int(need / min(cfg.val_fraction, 1 - cfg.val_fraction)) + 1
     if not raw:
         raise DataError(f"data.path: corpus {source} is empty; it needs at least {min_bytes} bytes")
-    tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    n_val = int(len(tokens) * cfg.val_fraction)
-    train, val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
-    if len(train) < need or len(val) < need:
+    cut = split_point(len(raw), cfg.val_fraction)
+    if cut < need or len(raw) - cut < need:
         raise DataError(
-            f"data.path: corpus {source} has {len(tokens)} bytes; each split needs one window of "
+            f"data.path: corpus {source} has {len(raw)} bytes; each split needs one window of "
             f"{need} bytes (model.block_size + 1), so the corpus needs at least {min_bytes} bytes"
         )
-    return Corpus(train=train, val=val, source=source)
+    buf = raw if isinstance(raw, bytearray) else bytearray(raw)  # a text corpus is read into one: no copy
+    tokens = torch.frombuffer(buf, dtype=torch.uint8)
+    view = memoryview(buf)  # the splits' fingerprints without copying them
+    return Corpus(
+        train=tokens[:cut],
+        val=tokens[cut:],
+        source=source,
+        fingerprint=fingerprint(fingerprint_name(cfg.name, source), view[:cut], view[cut:]),
+    )
 
 
 def windows(tokens: torch.Tensor, starts: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 EXIT_OK, EXIT_BUG, EXIT_CONFIG, EXIT_CHECKPOINT, EXIT_NONFINITE, EXIT_RESOURCES = 0, 1, 2, 3, 4, 5
-EXIT_SIGTERM = 143
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143
+"""128 + the signal number, what a shell reports for a process ended by that signal."""
 
 
 class QtrainError(Exception):
@@ -41,6 +42,20 @@ class ResourceError(QtrainError):
 
 
 class Preempted(QtrainError):
-    """SIGTERM received; a checkpoint was saved (exit 143)."""
+    """SIGTERM (or SIGINT) received while training; a checkpoint was saved (exit 143; the CLI
+    reports 130 when the signal was SIGINT)."""
 
     exit_code = EXIT_SIGTERM
+
+
+class Interrupted(BaseException):
+    """A signal that ends the run at once: a first SIGINT/SIGTERM outside training, or a second one.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``), so no ``except Exception`` between the
+    signal handler and the CLI swallows it. Nothing is saved; the CLI prints one line and
+    exits with :attr:`exit_code` (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, signame: str, exit_code: int, why: str) -> None:
+        self.signame, self.exit_code = signame, exit_code
+        super().__init__(f"{signame} {why}")

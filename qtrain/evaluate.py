@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qtrain.data import windows
+from qtrain.errors import CheckpointError
 from qtrain.model import GPT, KVCache
+from qtrain.progress import phase
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -37,11 +39,13 @@ def val_loss(
     model.eval()
     device = _model_device(model)
     total, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        x, y = windows(tokens, starts[i : i + batch_size], block_size)
-        logits = model(x.to(device)).float()
-        total += float(F.cross_entropy(logits.view(-1, logits.size(-1)), y.to(device).reshape(-1), reduction="sum"))
-        count += y.numel()
+    with phase("validation", total=len(starts), unit="windows") as bar:
+        for i in range(0, len(starts), batch_size):
+            x, y = windows(tokens, starts[i : i + batch_size], block_size)
+            logits = model(x.to(device)).float()
+            total += float(F.cross_entropy(logits.view(-1, logits.size(-1)), y.to(device).reshape(-1), reduction="sum"))
+            count += y.numel()
+            bar.advance(x.shape[0])
     model.train(was_training)
     return total / max(count, 1)
 
@@ -75,21 +79,32 @@ def compare(
     """Logit KL, top-1 agreement and the reference's loss on the same validation windows."""
     dev_m, dev_r = _model_device(model), _model_device(reference)
     kl_sum, agree, n, ref_loss = 0.0, 0, 0, 0.0
-    for i in range(0, len(starts), batch_size):
-        x, y = windows(tokens, starts[i : i + batch_size], block_size)
-        lm = F.log_softmax(model(x.to(dev_m)).float().cpu(), dim=-1)
-        lr = F.log_softmax(reference(x.to(dev_r)).float().cpu(), dim=-1)
-        kl_sum += float((lr.exp() * (lr - lm)).sum())
-        agree += int((lm.argmax(-1) == lr.argmax(-1)).sum())
-        ref_loss += float(F.nll_loss(lr.view(-1, lr.size(-1)), y.reshape(-1), reduction="sum"))
-        n += y.numel()
+    with phase("comparison with compare_to", total=len(starts), unit="windows") as bar:
+        for i in range(0, len(starts), batch_size):
+            x, y = windows(tokens, starts[i : i + batch_size], block_size)
+            lm = F.log_softmax(model(x.to(dev_m)).float().cpu(), dim=-1)
+            lr = F.log_softmax(reference(x.to(dev_r)).float().cpu(), dim=-1)
+            kl_sum += float((lr.exp() * (lr - lm)).sum())
+            agree += int((lm.argmax(-1) == lr.argmax(-1)).sum())
+            ref_loss += float(F.nll_loss(lr.view(-1, lr.size(-1)), y.reshape(-1), reduction="sum"))
+            n += y.numel()
+            bar.advance(x.shape[0])
     return Comparison(kl=kl_sum / n, top1_agreement=agree / n, reference_val_loss=ref_loss / n)
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator | None) -> torch.Tensor:
+    """One token per row: argmax at temperature 0, else a draw from softmax(logits / temperature).
+
+    A temperature so small that ``logits / temperature`` overflows is computed relative to
+    each row's largest logit: the probabilities are then those of greedy decoding (1 on the
+    argmax), not NaN.
+    """
     if temperature <= 0:
         return logits.argmax(-1, keepdim=True)
-    logits = logits.float() / temperature
+    scaled = logits.float() / temperature
+    if not torch.isfinite(scaled).all():  # only when it overflowed: otherwise the same numbers as always
+        scaled = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature
+    logits = scaled
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -121,6 +136,7 @@ def generate_tokens(
     pos = seq.shape[1]
     out = [seq]
     for _ in range(max_new_tokens):
+        _check_finite(logits, pos)
         nxt = _sample(logits, temperature, top_k, gen)
         out.append(nxt)
         if pos >= cfg.block_size:  # slide: re-prefill the most recent half window
@@ -131,6 +147,15 @@ def generate_tokens(
         logits = model(nxt, cache, pos)[:, -1]
         pos += 1
     return torch.cat(out, dim=1)
+
+
+def _check_finite(logits: torch.Tensor, pos: int) -> None:
+    """Refuse to sample from NaN/inf logits (non-finite or overflowing weights): exit 3, not a crash."""
+    if not bool(torch.isfinite(logits).all()):
+        raise CheckpointError(
+            f"the model computes non-finite logits (NaN or inf) at position {pos}: its weights hold non-finite "
+            f"values or overflow, so there is nothing to sample from (mode=eval shows its perplexity)"
+        )
 
 
 def generate(model: GPT, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int) -> str:
@@ -215,7 +240,7 @@ def decode_speed(model: GPT, n_tokens: int = 64, repeats: int = 3, prompt_len: i
     n_tokens = max(1, min(n_tokens, cfg.block_size - prompt_len))
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     rates = []
-    with torch.inference_mode():
+    with torch.inference_mode(), phase("decode benchmark", total=repeats + 1, unit="passes") as bar:
         dec = GreedyDecoder(model, prompt)
         for r in range(repeats + 1):
             dec.reset()
@@ -226,6 +251,7 @@ def decode_speed(model: GPT, n_tokens: int = 64, repeats: int = 3, prompt_len: i
             _sync(dec.device)
             if r > 0:  # the first pass is warm-up
                 rates.append(n_tokens / (time.perf_counter() - t0))
+            bar.advance()  # between timed passes: not inside the timing
     return {"decode_tokens_per_s": statistics.median(rates), "decode_tokens": n_tokens}
 
 
@@ -244,7 +270,7 @@ def prefill_speed(model: GPT, n_tokens: int = 512, repeats: int = 3) -> dict[str
     x = torch.randint(0, model.cfg.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(1))
     x = x.to(device)
     times = []
-    with torch.inference_mode():
+    with torch.inference_mode(), phase("prefill benchmark", total=repeats + 1, unit="passes") as bar:
         for r in range(repeats + 1):
             _sync(device)
             t0 = time.perf_counter()
@@ -252,4 +278,5 @@ def prefill_speed(model: GPT, n_tokens: int = 512, repeats: int = 3) -> dict[str
             _sync(device)
             if r > 0:
                 times.append(time.perf_counter() - t0)
+            bar.advance()  # between timed passes: not inside the timing
     return {"prefill_tokens_per_s": n_tokens / statistics.median(times), "prefill_tokens": n_tokens}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from qtrain.config import ModelConfig
 
@@ -153,6 +154,11 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.activation_checkpointing = False
+        """Recompute each block's activations in the backward pass instead of keeping them
+        (``train.activation_checkpointing``; the trainer sets it). Training forwards only: the
+        result is the same, the memory for activations drops to one block's plus each block's
+        input, at the cost of a second forward per block."""
         self.register_buffer(
             "rope", rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta), persistent=False
         )
@@ -195,7 +201,11 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + t} tokens exceeds model.block_size={self.cfg.block_size}")
         rot = self.get_buffer("rope")[start : start + t]
         x = self.tok_emb(idx)
+        recompute = self.activation_checkpointing and cache is None and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
+            if recompute:
+                x = checkpoint(block, x, rot, use_reentrant=False)
+                continue
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
             x = block(x, rot, layer_cache, start)
         return self.lm_head(self.norm(x))

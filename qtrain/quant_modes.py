@@ -22,14 +22,17 @@ from qtrain.config import QuantConfig, RunConfig
 from qtrain.console import info, rank
 from qtrain.data import BatchSampler, Corpus
 from qtrain.errors import ConfigError
-from qtrain.evaluate import decode_speed, perplexity
+from qtrain.evaluate import perplexity
 from qtrain.model import GPT
+from qtrain.progress import TrainProgress
 from qtrain.quant import api
 from qtrain.quant.hooks import HookSet, build_hooks
 from qtrain.quant.ptq import quantize_ptq
 from qtrain.runner import (
     RunContext,
+    announce,
     base_report,
+    benchmark,
     corpus_for,
     eval_fn_for,
     fresh_model,
@@ -39,7 +42,7 @@ from qtrain.runner import (
     try_resume,
     world_size,
 )
-from qtrain.train import Hooks, Trainer, cross_entropy_loss, default_param_groups, progress_printer
+from qtrain.train import Hooks, Trainer, cross_entropy_loss, default_param_groups
 
 
 def quant_bits(model: nn.Module) -> dict[str, float]:
@@ -108,9 +111,8 @@ def _quant_report(
 ) -> dict[str, Any]:
     report = base_report(ctx, model, step, vloss, path, {**asdict(qcfg), "method": method})
     report.update(quant_bits(model))
-    ev = ctx.cfg.eval
-    if ev.decode_tokens > 0 and isinstance(model, GPT):  # the shipped (packed) model's speed
-        report.update(decode_speed(model, ev.decode_tokens, ev.decode_repeats))
+    if isinstance(model, GPT):  # the shipped (packed) model's decode speed, timed as bench_s
+        report.update(benchmark(model, ctx.cfg.eval, prefill=False))
     if ref_loss is not None:
         report["reference_val_loss"] = ref_loss
         report["reference_val_ppl"] = perplexity(ref_loss)
@@ -126,6 +128,7 @@ def run_ptq(ctx: RunContext) -> dict[str, Any]:
     cfg = ctx.cfg
     ckpt, model = load_init(ctx)
     _require_full_precision(ckpt, "ptq")
+    announce(ctx, ckpt)
     corpus = corpus_for(ctx, model.cfg.block_size)
     evaluate = eval_fn_for(ctx, corpus, model.cfg.block_size)
     ref_loss = evaluate(model)
@@ -257,7 +260,7 @@ def _train_quantized(
 
     thooks.save_fn = save
     try_resume(ctx, model, trainer)
-    trainer.fit(progress_printer(cfg.train.max_steps))
+    trainer.fit(TrainProgress(compiling=cfg.compile))
     return trainer
 
 
@@ -322,7 +325,9 @@ def run_qat(ctx: RunContext) -> dict[str, Any]:
     if cfg.init_from:
         ckpt, model = load_init(ctx)
         _require_full_precision(ckpt, "qat")
+        announce(ctx, ckpt)
     else:
+        announce(ctx)
         model = fresh_model(ctx)
     corpus = corpus_for(ctx, model.cfg.block_size)
     if cfg.init_from:
@@ -371,6 +376,7 @@ def run_finetune(ctx: RunContext) -> dict[str, Any]:
         return done
     hooks = build_hooks(cfg.hooks, ctx.run_dir)
     ckpt, model = load_init(ctx)
+    announce(ctx, ckpt)
     if not ckpt.manifest.get("quant"):
         raise ConfigError(
             f"init_from: {ckpt.path} is a full-precision checkpoint; mode=finetune trains quantized checkpoints. "

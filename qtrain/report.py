@@ -1,25 +1,68 @@
-"""A run's result: `report.json` (written last) and the same summary as a rich table."""
+"""A run's result: `report.json` (written last) and the same summary as a rich table.
+
+Every table qtrain prints formats numbers through :func:`fmt_number`, so one quantity reads
+the same in the run summary, `mode=report` and `mode=verify`.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from qtrain.console import console, rank
+from qtrain.console import console, plain, rank
+from qtrain.corpus import describe
+from qtrain.rundir import write_atomic
 
 REPORT_FILE = "report.json"
+TABLE_WIDTH = 200
+"""Columns of a printed table when the output is not a terminal (pipes, log files, CI)."""
+SIGNIFICANT = 5
+"""Significant digits of a float in any table."""
+SMALL = 1e-3
+"""Below this (and not 0) a float is written in scientific notation: a KL of 2.3e-05, never 0.0000."""
+LARGE = 1e4
+"""From this up a float is written as a whole number with thousands separators."""
+
+
+def fmt_number(value: float | int | None, sign: bool = False, digits: int = SIGNIFICANT) -> str:
+    """One number format for every table.
+
+    ``None`` is blank; ints get thousands separators (``2,974,815``); floats get ``digits``
+    significant digits, trailing zeros kept (``4.6561``, ``11.830``, ``143.52``), scientific
+    notation below :data:`SMALL` (``2.3457e-05``), and whole numbers with separators once the
+    integer part alone has ``digits`` digits or reaches :data:`LARGE` (``12,346``); ``sign``
+    adds ``+`` to positive numbers.
+
+    Example:
+        >>> fmt_number(0.0000234567), fmt_number(4.65612), fmt_number(-3.66, sign=True), fmt_number(1246.3, digits=3)
+        ('2.3457e-05', '4.6561', '-3.6600', '1,246')
+    """
+    if value is None:
+        return ""
+    plus = "+" if sign else ""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return format(value, f"{plus},")
+    if math.isnan(value) or math.isinf(value):
+        return str(value)
+    size = abs(value)
+    if size == 0:
+        return "0"
+    if size < SMALL:
+        return format(value, f"{plus}.{digits - 1}e")
+    if size >= min(LARGE, 10.0**digits - 0.5):
+        return format(value, f"{plus},.0f")
+    return format(value, f"{plus}#.{digits}g").rstrip(".")  # '#': 11.830, not 11.83 beside 11.831
 
 
 def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return fmt_number(value)
     if isinstance(value, dict):
         return ", ".join(f"{k}={_fmt_nested(k, v)}" for k, v in value.items())
     return str(value)
@@ -30,29 +73,52 @@ def _fmt_nested(key: str, value: Any) -> str:
     if key == "layers" and isinstance(value, dict):
         return f"{len(value)} layers"
     if isinstance(value, dict):
-        return "(" + ", ".join(f"{k}={v}" for k, v in value.items()) + ")"
+        return "(" + ", ".join(f"{k}={_fmt_nested(k, v)}" for k, v in value.items()) + ")"
+    if isinstance(value, float):
+        return fmt_number(value)
     return str(value)
 
 
 def summary_table(report: dict[str, Any], title: str = "qtrain run") -> Table:
     """A two-column table of the report's entries."""
-    table = Table(title=title, show_header=True, header_style="bold")
+    table = Table(title=plain(title), show_header=True, header_style="bold")
     table.add_column("key")
     table.add_column("value", overflow="fold")
     for key, value in report.items():
         if key in ("layers",):
             continue
-        table.add_row(key, _fmt(value))
+        text = describe(value) if key == "corpus" and isinstance(value, dict) else _fmt(value)
+        table.add_row(plain(key), plain(text))  # paths, prompts, generated text: never markup
     return table
 
 
+def print_wide(table: Table) -> None:
+    """Print a table on rank 0; a pipe or log file gets :data:`TABLE_WIDTH` columns, not rich's 80.
+
+    Paths and labels then stay on one line where they fit instead of being cut mid-word.
+    """
+    if rank() != 0:
+        return
+    if console.is_terminal:
+        console.print(table)
+        return
+    saved = console.__dict__.get("_width")
+    console.width = max(console.width, TABLE_WIDTH)
+    try:
+        console.print(table)
+    finally:
+        console.__dict__["_width"] = saved
+
+
 def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
-    """Write `report.json` atomically (rank 0 only) and print the summary table."""
+    """Write `report.json` atomically (rank 0 only) and print the summary table.
+
+    Raises:
+        ConfigError: `report.json` or its temporary is a planted link or not a regular file.
+    """
     path = run_dir / REPORT_FILE
     if rank() != 0:
         return path
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
-    console.print(summary_table(report, title=f"qtrain {report.get('mode', '')}"))
+    write_atomic(path, json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")  # never through a link
+    print_wide(summary_table(report, title=f"qtrain {report.get('mode', '')}"))
     return path

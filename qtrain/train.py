@@ -29,9 +29,11 @@ from torch import nn
 
 from qtrain import distributed
 from qtrain.config import TrainConfig
-from qtrain.console import console, rank
+from qtrain.console import rank
 from qtrain.data import BatchSampler
 from qtrain.errors import NonFiniteError, Preempted
+from qtrain.progress import TrainProgress
+from qtrain.rundir import append_text
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -117,6 +119,8 @@ class Trainer:
         compile_model: bool = False,
     ) -> None:
         self.model, self.cfg, self.sampler, self.device = model, cfg, sampler, device
+        if hasattr(model, "activation_checkpointing"):  # a qtrain GPT: recompute blocks in backward
+            setattr(model, "activation_checkpointing", cfg.activation_checkpointing)  # noqa: B010
         self.hooks = hooks or Hooks()
         self.loss_fn = loss_fn
         self.metrics_path = metrics_path
@@ -202,8 +206,7 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.metrics_path is not None and rank() == 0:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_text(self.metrics_path, json.dumps(record) + "\n")  # never through a planted link
 
     def evaluate(self) -> float | None:
         """Validation loss through `eval_fn` (model in eval mode), or None without one."""
@@ -271,21 +274,33 @@ class Trainer:
         if cfg.save_every and self.step % cfg.save_every == 0 and not is_last:
             self.save()
 
-    def fit(self, progress: Callable[[int, float], None] | None = None) -> dict[str, Any]:
-        """Run until `cfg.max_steps`; save at the end. SIGTERM saves and raises Preempted."""
+    def fit(self, progress: TrainProgress | None = None) -> dict[str, Any]:
+        """Run until `cfg.max_steps`; save at the end. SIGTERM saves and raises Preempted.
+
+        `progress` (a :class:`~qtrain.progress.TrainProgress`) shows the run: a live display
+        on a terminal, a plain line every `train.log_every` steps elsewhere.
+        """
         self.model.train()
         start_step, t_start = self.step, time.perf_counter()
         tokens_per_step = self.sampler.batch_size * self.sampler.block_size * self.cfg.grad_accum * self.world
         loss = float("nan")
-        while self.step < self.cfg.max_steps:
-            t0 = time.perf_counter()
-            loss, grad_norm = self.train_step()
-            self._after_step(loss, grad_norm, time.perf_counter() - t0)
+        if progress is not None:
+            progress.start(self.step, self.cfg.max_steps, tokens_per_step, self.cfg.log_every)
+        try:
+            while self.step < self.cfg.max_steps:
+                t0 = time.perf_counter()
+                loss, grad_norm = self.train_step()
+                step_s = time.perf_counter() - t0
+                self._after_step(loss, grad_norm, step_s)
+                if progress is not None:
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    progress.update(self.step, loss, lr, self.last_val_loss, step_s)
+                if distributed.any_rank(self.hooks.stop.is_set()):
+                    self.save()
+                    raise Preempted(f"SIGTERM at step {self.step}: checkpoint saved, exiting")
+        finally:
             if progress is not None:
-                progress(self.step, loss)
-            if distributed.any_rank(self.hooks.stop.is_set()):
-                self.save()
-                raise Preempted(f"SIGTERM at step {self.step}: checkpoint saved, exiting")
+                progress.close()
         elapsed = time.perf_counter() - t_start
         if self.cfg.eval_every == 0 and self.hooks.eval_fn is not None:
             self.evaluate()
@@ -297,15 +312,3 @@ class Trainer:
             "tokens_per_s": steps * tokens_per_step / elapsed if steps and elapsed > 0 else 0.0,
             "val_loss": self.last_val_loss,
         }
-
-
-def progress_printer(max_steps: int) -> Callable[[int, float], None]:
-    """Plain progress lines (non-interactive) every ~10% of the run, on rank 0."""
-    every = max(1, max_steps // 10)
-    t0 = time.perf_counter()
-
-    def report(step: int, loss: float) -> None:
-        if rank() == 0 and (step % every == 0 or step == max_steps):
-            console.print(f"step {step}/{max_steps}  loss {loss:.4f}  {time.perf_counter() - t0:.1f}s")
-
-    return report

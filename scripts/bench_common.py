@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from qtrain.config import DataConfig
+
 
 def copy_bandwidth(mbytes: int = 256, reps: int = 9) -> float:
     """GB/s of a large tensor copy (bytes read + bytes written over the median time).
@@ -47,3 +49,19 @@ def run_and_report(
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         console.print(f"wrote {args.out}")
     return result
+
+
+def add_data_arg(ap: argparse.ArgumentParser) -> None:
+    """Add ``--data PATH``: the corpus a training benchmark reads (default: embedded pydocs)."""
+    ap.add_argument("--data", metavar="PATH", default=None,
+                    help="text file or directory of .txt files to train on (default: the embedded pydocs corpus)")
+
+
+def data_config(ap: argparse.ArgumentParser, args: argparse.Namespace) -> DataConfig:
+    """The DataConfig ``--data`` names; a missing path is a usage error (exit 2) naming it."""
+    if args.data is None:
+        return DataConfig()
+    path = Path(args.data).resolve()
+    if not path.exists():
+        ap.error(f"--data {args.data}: no such file or directory")
+    return DataConfig(name="text", path=str(path))

@@ -5,6 +5,7 @@ so machine noise hits both alike; the table shows median step time, tokens/s and
 overhead. Not a test: it prints measured numbers and writes JSON.
 
     python scripts/bench_train_loop.py --models tiny small --steps 60 --out bench_out/loop.json
+    python scripts/bench_train_loop.py --models tiny --data my_corpus.txt    # another corpus
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_common import add_data_arg, data_config
 from rich.console import Console
 from rich.table import Table
 
@@ -54,9 +57,9 @@ class PlainLoop:
         self.step += 1
 
 
-def bench(name: str, steps: int, block: int) -> dict[str, float]:
+def bench(name: str, steps: int, block: int, data: DataConfig) -> dict[str, Any]:
     cfg = SIZES[name]
-    corpus = load_corpus(DataConfig(), cfg.block_size)
+    corpus = load_corpus(data, cfg.block_size)
     tcfg = TrainConfig(max_steps=10**6, batch_size=BATCH[name], eval_every=0, save_every=0, log_every=10)
     plain = PlainLoop(cfg, corpus.train, BATCH[name], tcfg)
     model = GPT(cfg)
@@ -89,8 +92,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--block", type=int, default=5)
     ap.add_argument("--out", default="")
+    add_data_arg(ap)
     args = ap.parse_args()
-    rows = [bench(m, args.steps, args.block) for m in args.models]
+    data = data_config(ap, args)
+    rows = [bench(m, args.steps, args.block, data) for m in args.models]
     table = Table(title=f"training step, qtrain vs plain PyTorch (median of {args.steps} interleaved steps)")
     for col in ("model", "batch x ctx", "plain ms", "qtrain ms", "plain tok/s", "qtrain tok/s", "overhead"):
         table.add_column(col)

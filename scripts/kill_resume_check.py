@@ -58,7 +58,7 @@ def run(cmd: list[str], kill_after: float | None) -> tuple[int, str, float, floa
     """Run `cmd`; SIGKILL it after `kill_after` seconds if still running.
 
     Returns (exit code, output, seconds, startup seconds): startup is estimated from the first
-    progress line (`step k/N ... Ts` prints T seconds since the loop began).
+    progress line (`step k/N ... elapsed Ts ...`: T seconds since the loop began).
     """
     t0 = time.monotonic()
     proc = subprocess.Popen(
@@ -71,7 +71,7 @@ def run(cmd: list[str], kill_after: float | None) -> tuple[int, str, float, floa
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            m = re.match(r"step \d+/\d+ .* ([\d.]+)s$", line.strip())
+            m = re.match(r"step \d+/\d+ .* elapsed ([\d.]+)s ", line.strip())
             if m and not startup:
                 startup.append(time.monotonic() - t0 - float(m.group(1)))
 

@@ -4,6 +4,11 @@ Run once per format version, at the commit that introduces it, and commit the ou
 
     python scripts/make_fixture.py tests/fixtures/v1_fp          # format 1 (full precision)
     python scripts/make_fixture.py tests/fixtures/v2_int4 quant=int4 mode=qat   # format 2
+    python scripts/make_fixture.py tests/fixtures/v3_int4 quant=int4 mode=qat   # format 3 (sealed manifest)
+
+A fixture is the *previous* version once the format moves on: the v3 one is to be made (with
+this script, at a commit that writes format 3) before the commit that introduces format 4,
+and committed with it.
 
 The expected logits (`<dir>.expected.safetensors`) come from the model as trained, for the
 token ids 0..31, so a later qtrain must reproduce them after loading and migrating.

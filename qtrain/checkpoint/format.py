@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,19 +12,29 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+"""1: full precision; 2: + quantization metadata; 3: + `manifest_sha256` sealing the manifest."""
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.safetensors"
 TRAINER_META = "trainer.json"
 LATEST = "latest"
-STEP_RE = re.compile(r"^step_(\d{7,})$")
+MANIFEST_HASH = "manifest_sha256"
+"""Manifest entry holding the SHA-256 of the canonical manifest without this entry (format 3)."""
+STEP_RE = re.compile(r"^step_([0-9]{7,})$")
+"""A published step directory: `step_` and at least 7 ASCII digits."""
+STEP_LIKE_RE = re.compile(r"^step_\d+$")
+"""Names that look like step directories to `int()` (any Unicode digits): they must match STEP_RE."""
 TMP_PREFIX = ".tmp-"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 """Largest safetensors header accepted (real ones are a few hundred KB at most)."""
 MAX_JSON_BYTES = 64 * 1024 * 1024
 """Largest manifest / trainer.json accepted."""
 SAFE_SUFFIXES = (".safetensors", ".json")
+OS_STRAYS = (".ds_store", "thumbs.db", "ehthumbs.db", "desktop.ini")
+"""Files operating systems drop into folders (compared lower-case); ignored with a warning, never opened."""
+MAX_JSON_DEPTH = 64
+"""Deepest nesting accepted in a manifest or trainer.json (qtrain writes at most 8 levels)."""
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 SYSTEM_KEYS = (
     "format_version",
@@ -33,6 +45,7 @@ SYSTEM_KEYS = (
     "tied",
     "files",
     "migrated_from",
+    MANIFEST_HASH,
 )
 """Manifest entries written by this module itself (everything else comes from `Payload.manifest`)."""
 DTYPES: dict[str, torch.dtype] = {
@@ -81,6 +94,44 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     trainer_tensors: dict[str, torch.Tensor]
     trainer_meta: dict[str, Any]
+
+
+# ---------------------------------------------------------------- JSON files and the manifest seal
+
+
+def json_file_bytes(data: Any) -> bytes:
+    """The exact bytes of a checkpoint JSON file (indented, sorted keys): written and re-checked."""
+    return json.dumps(data, indent=2, sort_keys=True, allow_nan=True).encode("utf-8")
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the canonical manifest (sorted keys, no whitespace) without `manifest_sha256`."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_HASH}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def seal_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `manifest` with its `manifest_sha256` (recomputed)."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_HASH}
+    return {**body, MANIFEST_HASH: manifest_digest(body)}
+
+
+def is_os_stray(name: str) -> bool:
+    """Whether `name` is an operating system's stray file (`.DS_Store`, `Thumbs.db`, `._x`, `desktop.ini`)."""
+    return name.lower() in OS_STRAYS or name.startswith("._")
+
+
+def json_depth_error(obj: Any, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """The dotted path where `obj` nests deeper than `limit`, or None (iterative: no recursion)."""
+    stack: list[tuple[Any, str, int]] = [(obj, "", 0)]
+    while stack:
+        node, where, depth = stack.pop()
+        if depth > limit:
+            return where or "(top level)"
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        stack.extend((v, f"{where}.{k}" if where else str(k), depth + 1) for k, v in items)
+    return None
 
 
 # ---------------------------------------------------------------- nested state <-> tensors

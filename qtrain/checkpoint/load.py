@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import math
 import struct
-from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -14,42 +11,27 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from qtrain import __version__
+from qtrain.checkpoint import consistency as cons
 from qtrain.checkpoint.format import (
-    _SHA_RE,
     DTYPES,
-    FORMAT_VERSION,
     MANIFEST,
     MAX_HEADER_BYTES,
-    MAX_JSON_BYTES,
     MODEL_FILE,
     SAFE_SUFFIXES,
     TRAINER_FILE,
     TRAINER_META,
     Checkpoint,
+    is_os_stray,
     unflatten_state,
 )
+from qtrain.checkpoint.manifest import _json_from_bytes, _read_json, check_step_name, read_manifest
+from qtrain.checkpoint.trainer_state import validate_trainer_state
 from qtrain.checkpoint.write import _sha256
-from qtrain.config import ModelConfig
+from qtrain.console import warn
 from qtrain.errors import CheckpointError
+from qtrain.model import GPT
 
 # ---------------------------------------------------------------- verifying and loading
-
-
-def _json_from_bytes(raw: bytes, what: str) -> Any:
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise CheckpointError(f"{what} is not UTF-8 ({err.reason} at byte {err.start})") from None
-    except (ValueError, RecursionError) as err:
-        raise CheckpointError(f"{what} is not valid JSON ({type(err).__name__}: {str(err)[:200]})") from None
-
-
-def _read_json(path: Path) -> Any:
-    size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise CheckpointError(f"{path}: {size} bytes is too large for a checkpoint JSON file (limit {MAX_JSON_BYTES})")
-    return _json_from_bytes(path.read_bytes(), str(path))
 
 
 def check_safetensors_header(path: Path) -> dict[str, Any]:
@@ -118,120 +100,58 @@ def _tensor_span(path: Path, name: str, info: Any, data_len: int) -> tuple[int, 
     return offs[0], offs[1]
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """Read, version-check, migrate and sanity-check a checkpoint's manifest.
-
-    Raises:
-        CheckpointError: missing, unreadable or malformed manifest, or a format newer than supported.
-    """
-    mpath = path / MANIFEST
-    if mpath.is_symlink() or not mpath.is_file():
-        present = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-        raise CheckpointError(
-            f"{path}: incomplete checkpoint, {MANIFEST} is missing (present: {', '.join(present) or 'nothing'})"
-        )
-    manifest = _read_json(mpath)
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if type(version) is not int or version < 1:
-        raise CheckpointError(f"{mpath}: unknown format_version {version!r}")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: checkpoint format_version {version} is newer than this qtrain supports "
-            f"(format_version {FORMAT_VERSION}, qtrain {__version__}); upgrade qtrain"
-        )
-    migrated = migrate(manifest)
-    _check_manifest(mpath, migrated)
-    return migrated
-
-
-def _check_manifest(mpath: Path, m: dict[str, Any]) -> None:
-    files = m.get("files")
-    if not isinstance(files, dict) or MODEL_FILE not in files:
-        raise CheckpointError(f"{mpath}: no file list naming {MODEL_FILE}")
-    for name, info in files.items():
-        if not (
-            name.endswith(SAFE_SUFFIXES)
-            and name != MANIFEST
-            and "/" not in name
-            and "\\" not in name
-            and not name.startswith(".")
-        ):
-            raise CheckpointError(f"{mpath}: lists '{name}', which is not a plain safetensors or JSON file name")
-        if not (
-            isinstance(info, dict)
-            and type(info.get("bytes")) is int
-            and info["bytes"] >= 0
-            and isinstance(info.get("sha256"), str)
-            and _SHA_RE.match(info["sha256"])
-        ):
-            raise CheckpointError(f"{mpath}: entry for '{name}' needs integer 'bytes' and a hex 'sha256'")
-    if type(m.get("step")) is not int or m["step"] < 0:
-        raise CheckpointError(f"{mpath}: 'step' must be a non-negative integer (got {m.get('step')!r})")
-    tied = m.get("tied", [])
-    if not (
-        isinstance(tied, list)
-        and all(isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in tied)
-    ):
-        raise CheckpointError(f"{mpath}: 'tied' must be a list of [alias, source] name pairs")
-    model = m.get("model")
-    if model is not None:
-        known = {f.name for f in fields(ModelConfig)}
-        if not isinstance(model, dict) or not set(model) <= known:
-            extra = sorted(set(model) - known) if isinstance(model, dict) else model
-            raise CheckpointError(f"{mpath}: 'model' has unknown entries {extra}; valid: {sorted(known)}")
-
-
-def migrate_v1_to_v2(manifest: dict[str, Any]) -> dict[str, Any]:
-    """v1 (full precision, before quantization existed) -> v2: add empty quantization metadata."""
-    out = dict(manifest)
-    out["quant"] = None
-    out["format_version"] = 2
-    return out
-
-
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: migrate_v1_to_v2}
-
-
-def migrate(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Run `migrate_vN_to_vN1` steps in order up to FORMAT_VERSION (returns a new dict).
-
-    A migrated manifest records the version it was read as in `migrated_from`.
-
-    Raises:
-        CheckpointError: a version with no migration step.
-    """
-    m = dict(manifest)
-    source = m["format_version"]
-    while m["format_version"] < FORMAT_VERSION:
-        step = MIGRATIONS.get(m["format_version"])
-        if step is None:
-            raise CheckpointError(f"no migration from checkpoint format_version {m['format_version']}")
-        m = step(m)
-    if source != FORMAT_VERSION:
-        m["migrated_from"] = source
-    return m
-
-
 def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Check manifest, file list, sizes, SHA-256 and headers; refuse unsafe content.
+    """Everything `load_checkpoint` checks, without reading the tensors (the one validation path).
 
-    Only the files the manifest lists (plus the manifest) may be present; anything else,
-    such as a pickled `.pt` file, is refused without being opened.
+    In order: the manifest (seal, version, every value), the directory name against its step,
+    the file list (only listed files; operating-system strays are warned about and ignored,
+    anything else unlisted is refused unopened), sizes and SHA-256, safetensors headers and
+    JSON files, then the tensors against the model the manifest describes (built on the meta
+    device: nothing allocated), quantization parameters, and the trainer state.
 
     Returns:
         The migrated manifest.
 
     Raises:
-        CheckpointError: anything missing, truncated, altered, unsafe or too new, naming the file.
+        CheckpointError: the first problem, naming the file and the field.
     """
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     manifest = read_manifest(path)
+    check_step_name(path, manifest)
     files: dict[str, Any] = manifest["files"]
+    _check_listing(path, files)
+    parsed: dict[str, Any] = {}
+    for name, info in files.items():
+        f = path / name
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"{f}: size {size} bytes, manifest says {info['bytes']} (truncated or altered)")
+        digest = _sha256(f)
+        if digest != info["sha256"]:
+            raise CheckpointError(f"{f}: SHA-256 mismatch (manifest {info['sha256'][:16]}…, file {digest[:16]}…)")
+        parsed[name] = check_safetensors_header(f) if name.endswith(".safetensors") else _read_json(f)
+    if isinstance(manifest.get("model"), dict):
+        _check_against_model(path, manifest, parsed)
+    elif TRAINER_META in parsed:  # no model to check shapes against (not a qtrain run's checkpoint)
+        tinfo = _infos(parsed.get(TRAINER_FILE))
+        validate_trainer_state(path / TRAINER_META, parsed[TRAINER_META], tinfo, manifest["step"], None)
+    return manifest
+
+
+_WARNED: set[Path] = set()
+
+
+def _check_listing(path: Path, files: dict[str, Any]) -> None:
     for entry in sorted(path.iterdir()):
         if entry.name == MANIFEST:
             continue
         if entry.name not in files:
+            if is_os_stray(entry.name) and not entry.is_symlink() and entry.is_file():
+                if entry not in _WARNED:
+                    _WARNED.add(entry)
+                    warn(f"{entry}: operating-system file not listed in the manifest; ignored (never opened)")
+                continue
             kind = (
                 "file not listed in the manifest"
                 if entry.name.endswith(SAFE_SUFFIXES)
@@ -243,19 +163,25 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     missing = [n for n in files if not (path / n).is_file()]
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
-    for name, info in files.items():
-        f = path / name
-        size = f.stat().st_size
-        if size != info["bytes"]:
-            raise CheckpointError(f"{f}: size {size} bytes, manifest says {info['bytes']} (truncated or altered)")
-        digest = _sha256(f)
-        if digest != info["sha256"]:
-            raise CheckpointError(f"{f}: SHA-256 mismatch (manifest {info['sha256'][:16]}…, file {digest[:16]}…)")
-        if name.endswith(".safetensors"):
-            check_safetensors_header(f)
-        else:
-            _read_json(f)  # JSON, never anything executable
-    return manifest
+
+
+def _infos(header: dict[str, Any] | None) -> dict[str, tuple[tuple[int, ...], str]]:
+    return {n: (tuple(i["shape"]), i["dtype"]) for n, i in (header or {}).items() if n != "__metadata__"}
+
+
+def _check_against_model(path: Path, manifest: dict[str, Any], parsed: dict[str, Any]) -> None:
+    """Header shapes vs block count, then vs the meta-device model; qparams; trainer state."""
+    stored = cons.stored_shapes(path, manifest, parsed[MODEL_FILE])
+    cons.check_sizes(path, manifest["model"], stored, manifest["files"][MODEL_FILE]["bytes"])
+    with torch.device("meta"):
+        model = cons.build_skeleton(manifest)
+    cons.check_layer_specs(path, manifest, model)
+    cons.compare_state(path, cons.meta_shapes(model), stored)
+    cons.check_qparams(path, model, manifest)
+    if TRAINER_META in parsed:
+        groups = cons.param_group_shapes(model)
+        meta = parsed[TRAINER_META]
+        validate_trainer_state(path / TRAINER_META, meta, _infos(parsed.get(TRAINER_FILE)), manifest["step"], groups)
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -266,10 +192,10 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path: str | Path, with_trainer: bool = True) -> Checkpoint:
-    """Verify and read a checkpoint directory (tensors on CPU, whatever device wrote them).
+    """Verify (`verify_checkpoint`) and read a checkpoint directory (tensors on CPU, whatever device wrote them).
 
     Raises:
-        CheckpointError: see `verify_checkpoint`; also references to tensors that are absent.
+        CheckpointError: see `verify_checkpoint`.
     """
     p = Path(path)
     manifest = verify_checkpoint(p)
@@ -290,3 +216,22 @@ def load_checkpoint(path: str | Path, with_trainer: bool = True) -> Checkpoint:
                     f"{p / TRAINER_META}: refers to tensor {err} absent from {TRAINER_FILE}"
                 ) from None
     return Checkpoint(path=p, manifest=manifest, model_state=model_state, trainer_tensors=tensors, trainer_meta=meta)
+
+
+def build_model(ckpt: Checkpoint, device: torch.device, kernel: str = "auto") -> GPT:
+    """The model a loaded checkpoint describes, with its weights (strict), on `device`.
+
+    Built like the meta-device model `verify_checkpoint` compared the tensors with, so
+    this allocates only what the tensors, already read, justify.
+
+    Raises:
+        CheckpointError: no model in the manifest, or the state does not load strictly.
+    """
+    if not isinstance(ckpt.manifest.get("model"), dict):
+        raise CheckpointError(f"{ckpt.path / MANIFEST}: no model shape ('model'), so no model can be built")
+    model = cons.build_skeleton(ckpt.manifest, kernel)
+    try:
+        model.load_state_dict(ckpt.model_state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{ckpt.path}: tensors do not match the manifest's model: {err}") from None
+    return model.to(device)

@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from qtrain import rundir
 from qtrain.checkpoint import write as _write
 from qtrain.checkpoint.find import list_step_dirs, step_of, temp_entries
 from qtrain.checkpoint.format import DISK_FULL, LATEST, TMP_PREFIX, Payload
@@ -43,6 +44,7 @@ def save_checkpoint(
         ResourceError: the disk filled up (temporary directory removed, nothing else touched).
         TypeError: trainer state that cannot be stored, naming its key (nothing else touched).
     """
+    rundir.check_dir(root)  # the run's checkpoints/: never a planted link
     final = root / step_dir_name(step)
     need = _tensor_bytes(payload.model_state) + _tensor_bytes(payload.trainer_tensors)
     write_dir_atomically(final, lambda tmp: _write_files(tmp, step, payload), need, before_publish)
@@ -52,6 +54,7 @@ def save_checkpoint(
 
 
 def _publish_latest(root: Path, name: str) -> None:
+    rundir.check_file(root / LATEST)  # a planted link or a directory: refused (exit 2), never replaced
     tmp = root / f"{TMP_PREFIX}{LATEST}-{os.getpid()}"
     try:
         tmp.unlink(missing_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qtrain import rundir
 from qtrain.checkpoint.format import FORMAT_VERSION, SYSTEM_KEYS, Payload
 from qtrain.checkpoint.load import load_checkpoint
 from qtrain.checkpoint.write import _tensor_bytes, _write_files, write_dir_atomically
@@ -18,6 +19,7 @@ def check_upgrade_target(src: Path, out: Path) -> None:
     Raises:
         ConfigError: naming `out` and why.
     """
+    rundir.check_ancestors(out, "out: ")  # under a regular file: exit 2 naming it
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"out: {out} already exists and is not an empty directory; upgrade writes a new directory")
     src_r, out_r = src.resolve(), out.resolve()

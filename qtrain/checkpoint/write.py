@@ -15,7 +15,7 @@ from typing import IO, Any
 
 import torch
 
-from qtrain import __version__
+from qtrain import __version__, rundir
 from qtrain.checkpoint.format import (
     _DTYPE_NAMES,
     DISK_FULL,
@@ -28,6 +28,8 @@ from qtrain.checkpoint.format import (
     TRAINER_META,
     Payload,
     flatten_state,
+    json_file_bytes,
+    seal_manifest,
 )
 from qtrain.errors import ResourceError
 
@@ -92,7 +94,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 
 def _write_json(path: Path, data: Any) -> None:
     with _open_new(path) as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True, allow_nan=True).encode("utf-8"))
+        f.write(json_file_bytes(data))
         f.flush()
         os.fsync(f.fileno())
 
@@ -145,6 +147,7 @@ def _write_files(tmp: Path, step: int, payload: Payload) -> dict[str, Any]:
         "quant": None,
         **{k: v for k, v in payload.manifest.items() if k not in SYSTEM_KEYS},
     }
+    manifest = seal_manifest(manifest)  # the hash covers every entry, so nothing in it is trusted unchecked
     _write_json(tmp / MANIFEST, manifest)  # last: a directory without it is incomplete
     return manifest
 
@@ -160,6 +163,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
         return
     old = final.parent / f"{TMP_PREFIX}replaced-{final.name}-{os.getpid()}"
+    rundir.check_dir(old)
     shutil.rmtree(old, ignore_errors=True)
     os.rename(final, old)
     os.rename(tmp, final)
@@ -176,8 +180,10 @@ def write_dir_atomically(
     Raises:
         ResourceError: the disk (or quota) filled up; the message gives needed vs free bytes.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
+    rundir.make_dirs(final.parent, own=False)  # a file on the way: exit 2 naming it
+    rundir.check_dir(final)  # a planted link where the directory goes: refused, never replaced through
     tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    rundir.check_dir(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

@@ -261,7 +261,7 @@ class FakeQuantLinear(nn.Module):
         made through :meth:`enable`, :meth:`freeze` or ``load_state_dict`` recompiles) and no
         tensor is read, which would break the graph at every layer.
         """
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self.weight_enabled.is_meta:  # meta: a shape-only skeleton
             return self._flag_val
         bufs = (self.weight_enabled, self.act_enabled, self.frozen)
         key = tuple(x for b in bufs for x in (b.data_ptr(), b._version))

@@ -8,6 +8,7 @@ module only builds them, from tensors, and knows nothing of the layer classes.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,10 +32,12 @@ Measured here (1 thread, K x N from 384 x 1152 to 4096 x 4096): the kernels win 
 everywhere, the reference wins for model-sized layers from about 128 to 256 rows on.
 """
 NATIVE_MAX_ROWS = 8
-"""Rows up to which the CPU layers use qtrain's own kernels (:mod:`qtrain.quant.native`).
+"""Rows up to which the CPU layers may use qtrain's own kernels (:mod:`qtrain.quant.native`):
+with ``kernel=native``, or ``auto`` where :mod:`qtrain.quant.autotune` measured them faster.
 
-Measured here (2 threads, 4096 x 1024): int4 2.1x and int8 2.0x faster than PyTorch's kernels
-at 1 row, about 1.1x at 4 rows, even at 8; PyTorch's kernels from 16 rows on.
+Measured on an AMD EPYC (AVX2, 2 threads, 4096 x 1024): int4 2.1x and int8 2.0x faster than
+PyTorch's kernels at 1 row, about 1.1x at 4 rows, even at 8; PyTorch's kernels from 16 rows on.
+On an AVX-512/AMX Xeon PyTorch's int4 kernel is the faster one.
 """
 CUDA_TINYGEMM_MAX_ROWS = 64
 """Rows up to which tinygemm is used on CUDA; dequantize + bf16 matmul above."""
@@ -91,32 +94,52 @@ def _act(x2: Tensor, act_int8: bool) -> Tensor:
 
 
 # -- CPU ----------------------------------------------------------------------------------------
-def int8_cpu(w: Tensor, scales: Tensor, act_int8: bool, own_kernels: bool) -> FastPath:
-    """qtrain's int8 kernel up to :data:`NATIVE_MAX_ROWS` rows (when ``own_kernels`` and it
-    builds), ``aten._weight_int8pack_mm`` (bf16 activations) up to :data:`CPU_KERNEL_MAX_ROWS`.
+class NativePick:
+    """qtrain's kernel library for one layer's decode calls, or None (PyTorch's kernels), decided
+    on the first call that needs it: ``kernel="native"`` uses it when it builds, ``"torch"``
+    never, ``"auto"`` when :func:`qtrain.quant.autotune.choose` picks it on this machine."""
+
+    def __init__(self, kernel: str, bits: int, fits: bool) -> None:
+        self.kernel, self.bits, self.fits = kernel, bits, fits
+        self._lib: list[ctypes.CDLL | None] = []
+
+    def __call__(self) -> ctypes.CDLL | None:
+        if not self._lib:
+            use = self.fits and self.kernel in ("auto", "native")
+            if use and self.kernel == "auto":
+                from qtrain.quant import autotune  # imports this module: resolved lazily
+
+                use = native.library() is not None and autotune.choose(self.bits) == "native"
+            self._lib.append(native.library() if use else None)
+        return self._lib[0]
+
+
+def int8_cpu(w: Tensor, scales: Tensor, act_int8: bool, kernel: str) -> FastPath:
+    """qtrain's int8 kernel up to :data:`NATIVE_MAX_ROWS` rows (see :class:`NativePick`),
+    ``aten._weight_int8pack_mm`` (bf16 activations) up to :data:`CPU_KERNEL_MAX_ROWS`.
     ``w`` int8 ``[N, K]`` with K % 8 == 0 (the aten kernel crashes the process otherwise)."""
     s1 = scales.reshape(-1).contiguous()  # (N,) bf16
     op = torch.ops.aten._weight_int8pack_mm
-    lib = native.library() if own_kernels and native.int8_supported(w.shape[1]) else None
+    pick = NativePick(kernel, 8, native.int8_supported(w.shape[1]))
 
     def run_cpu(x2: Tensor) -> Tensor | None:
         if x2.shape[0] > CPU_KERNEL_MAX_ROWS:
             return None
         xq = _act(x2, act_int8)
-        if lib is not None and x2.shape[0] <= NATIVE_MAX_ROWS:
+        if x2.shape[0] <= NATIVE_MAX_ROWS and (lib := pick()) is not None:
             return native.int8_linear(lib, xq.float().contiguous(), w, s1).to(x2.dtype)
         return op(xq.to(torch.bfloat16).contiguous(), w, s1).to(x2.dtype)
 
     return run_cpu
 
 
-def int4_cpu(w: Int4Weight, group: int, act_int8: bool, own_kernels: bool) -> FastPath:
-    """qtrain's int4 kernel up to :data:`NATIVE_MAX_ROWS` rows (canonical buffers, no copy),
-    PyTorch's ``_weight_int4pack_mm_for_cpu`` up to :data:`CPU_KERNEL_MAX_ROWS` (its repacked
-    copy is made on first use only). ``group``: the aten kernel's group for this layer."""
+def int4_cpu(w: Int4Weight, group: int, act_int8: bool, kernel: str) -> FastPath:
+    """qtrain's int4 kernel up to :data:`NATIVE_MAX_ROWS` rows (canonical buffers, no copy; see
+    :class:`NativePick`), PyTorch's ``_weight_int4pack_mm_for_cpu`` up to
+    :data:`CPU_KERNEL_MAX_ROWS` (its repacked copy is made on first use only). ``group``: the
+    aten kernel's group for this layer."""
     own_group = w.in_features // w.scales.shape[1]
-    use_native = own_kernels and native.int4_supported(w.in_features, own_group)
-    lib = native.library() if use_native else None
+    pick = NativePick(kernel, 4, native.int4_supported(w.in_features, own_group))
     scales = w.scales.contiguous()
     aten: list[Callable[[Tensor], Tensor]] = []
 
@@ -124,7 +147,7 @@ def int4_cpu(w: Int4Weight, group: int, act_int8: bool, own_kernels: bool) -> Fa
         if x2.shape[0] > CPU_KERNEL_MAX_ROWS:
             return None
         xq = _act(x2, act_int8)
-        if lib is not None and x2.shape[0] <= NATIVE_MAX_ROWS:
+        if x2.shape[0] <= NATIVE_MAX_ROWS and (lib := pick()) is not None:
             return native.int4_linear(lib, xq.float().contiguous(), w.packed, scales, w.zeros, own_group).to(x2.dtype)
         if not aten:
             aten.append(tinygemm_cpu(w, group))

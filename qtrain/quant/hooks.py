@@ -30,7 +30,10 @@ Example (a worked hook: clip every fake-quant weight to +-3 standard deviations)
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import importlib
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qtrain.errors import ConfigError
 from qtrain.quant import api
 from qtrain.quant.fake import FakeQuantLinear
 from qtrain.quant.primitives import dequantize
@@ -90,28 +94,105 @@ class HookSet:
         self._removers.clear()
 
 
+class HookError(ConfigError, ValueError):
+    """A `hooks` entry that cannot be used: exit 2 (a config mistake), naming the entry."""
+
+
 def build_hooks(specs: list[Any], run_dir: Path | None = None) -> HookSet:
     """Instantiate hook configs (`{_target_: pkg.Class, ...}`) into a HookSet.
 
     Raises:
-        ValueError: an entry without `_target_`, or one that cannot be imported (names it).
+        HookError: an entry without `_target_`, or one that cannot be imported or
+            instantiated (names the entry and says why).
     """
     from hydra.utils import instantiate
 
+    problems = check_specs(specs)
+    if problems:
+        raise HookError("; ".join(problems))
     hooks = []
     for i, spec in enumerate(specs):
-        if not isinstance(spec, dict) or "_target_" not in spec:
-            raise ValueError(f"hooks[{i}]: each hook needs a _target_ (got {spec!r})")
         try:
             hook = instantiate(spec)
         except Exception as err:  # noqa: BLE001 - report which hook failed and why
-            raise ValueError(f"hooks[{i}]: cannot instantiate {spec['_target_']}: {err}") from None
+            raise HookError(f"hooks[{i}]: cannot instantiate {spec['_target_']}: {_reason(err)}") from None
         if not any(hasattr(hook, p) for p in POINTS):
             if not callable(hook):
-                raise ValueError(f"hooks[{i}]: {spec['_target_']} is neither callable nor defines {POINTS}")
+                raise HookError(f"hooks[{i}]: {spec['_target_']} is neither callable nor defines {POINTS}")
             hook = _FunctionHook(hook)
         hooks.append(hook)
     return HookSet(hooks)
+
+
+def check_specs(specs: list[Any]) -> list[str]:
+    """Every problem with the `hooks` entries that shows without running them: the shape of
+    each entry, whether its `_target_` imports, and whether its arguments fit the signature.
+
+    Example:
+        >>> check_specs([{"_target_": "qtrain.quant.hooks.SQNRLogger", "evry": 10}])
+        ["hooks[0]: qtrain.quant.hooks.SQNRLogger: got an unexpected keyword argument 'evry' (it takes: every)"]
+    """
+    problems: list[str] = []
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or not isinstance(spec.get("_target_"), str):
+            problems.append(
+                f"hooks[{i}]: each hook is a mapping with a _target_, e.g. "
+                f"{{_target_: qtrain.quant.hooks.SQNRLogger, every: 100}} (got {spec!r})"
+            )
+            continue
+        target = spec["_target_"]
+        try:
+            obj = _locate(target)
+        except Exception as err:  # noqa: BLE001 - any import failure is the entry's problem
+            problems.append(f"hooks[{i}]: {_import_problem(target, err)}")
+            continue
+        problems.extend(f"hooks[{i}]: {msg}" for msg in _signature_problems(target, obj, spec))
+    return problems
+
+
+def _locate(target: str) -> Any:
+    """The object a dotted `_target_` names, resolved as Hydra's `instantiate` resolves it."""
+    from hydra._internal.utils import _locate as locate
+
+    return locate(target)
+
+
+def _reason(err: BaseException) -> str:
+    """The underlying reason of a Hydra error (its chained cause), on one line."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _import_problem(target: str, err: BaseException) -> str:
+    """Why `target` does not import; a missing name in a module that imports gets close matches."""
+    module, _, name = target.rpartition(".")
+    try:
+        found = importlib.import_module(module) if module else None
+    except Exception:  # noqa: BLE001 - the module itself does not import: say why below
+        found = None
+    if found is None or hasattr(found, name):
+        return f"_target_ {target} cannot be imported: {_reason(err)}"
+    close = difflib.get_close_matches(name, [n for n in dir(found) if not n.startswith("_")], n=2)
+    hint = f". Did you mean {' or '.join(f'{module}.{c}' for c in close)}?" if close else ""
+    return f"_target_ {target}: module {module} has no {name}{hint}"
+
+
+def _signature_problems(target: str, obj: Any, spec: dict[str, Any]) -> list[str]:
+    """Arguments of `spec` that `obj`'s signature does not take (or required ones missing)."""
+    kwargs = {k: v for k, v in spec.items() if not (k.startswith("_") and k.endswith("_"))}
+    args = list(spec.get("_args_", []))
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):  # builtins without a signature: nothing to check
+        return []
+    bind = sig.bind_partial if spec.get("_partial_") else sig.bind
+    try:
+        bind(*args, **kwargs)
+    except TypeError as err:
+        takes = ", ".join(p for p in sig.parameters if p not in ("self", "args", "kwargs")) or "no arguments"
+        return [f"{target}: {err} (it takes: {takes})"]
+    return []
 
 
 def sqnr_db(weight: torch.Tensor, quantized: torch.Tensor) -> float:
@@ -164,4 +245,4 @@ class KeepFullPrecision:
                 api.set_module(model, name, linear)
                 self.kept.append(name)
         if not self.kept:
-            raise ValueError(f"KeepFullPrecision: no quantized layer matches {self.patterns}")
+            raise HookError(f"KeepFullPrecision: no quantized layer matches {self.patterns}")

@@ -18,6 +18,11 @@ so no repacked copy of the weights exists):
   2^-16 of each block's largest value, finer than the bf16 activations PyTorch's int4 CPU
   kernel needs), exact int16 x uint4 multiply-adds into int32, float32 scaling.
 - :func:`int8_linear`: float32 activations times int8 weights, float32 accumulation.
+
+Threads: each call passes ``torch.get_num_threads()`` to the kernel's OpenMP region, so
+``torch.set_num_threads`` (qtrain's ``threads`` key) sets both (:func:`team_size` checks it).
+Whether these kernels or PyTorch's run at ``quant.kernel=auto`` is decided per machine by
+:mod:`qtrain.quant.autotune`.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "qgemv.c"
-ABI = 2
+ABI = 3
 """Must equal ``QT_ABI`` in the C source."""
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 ENV_SWITCH = "QTRAIN_NATIVE_KERNELS"
@@ -81,6 +86,7 @@ def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"qgemv-{key}.so"
+    _STATE["build"] = out.stem
     if out.is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +106,8 @@ def _build(cc: str) -> Path:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.qt_abi_version.restype = c_int
+    lib.qt_omp_team_size.argtypes = [c_int]
+    lib.qt_omp_team_size.restype = c_int
     lib.qt_int4_linear.argtypes = [p, i64, i64, p, p, p, i64, i64, p, c_int]
     lib.qt_int4_linear.restype = c_int
     lib.qt_int8_linear.argtypes = [p, i64, i64, p, p, i64, p, c_int]
@@ -127,6 +135,16 @@ def library() -> ctypes.CDLL | None:
         log.info("native CPU kernels unavailable (%s); using PyTorch's kernels", why)
     _STATE["lib"] = lib
     return lib
+
+
+def build_id() -> str | None:
+    """The loaded library's build name (``qgemv-<hash of source, flags, compiler>``), or None."""
+    return _STATE.get("build") if library() is not None else None  # type: ignore[return-value]
+
+
+def team_size(lib: ctypes.CDLL, threads: int) -> int:
+    """OpenMP threads a kernel call asked for ``threads`` actually runs with."""
+    return int(lib.qt_omp_team_size(threads))
 
 
 def reset() -> None:

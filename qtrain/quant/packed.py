@@ -14,16 +14,19 @@ Int4Linear     ``weight_packed`` uint8 ``[N, K/2]`` codes 0..15, low nibble = ev
 
 Weight = ``(code - zero) * scale`` (see :mod:`qtrain.quant.primitives`).
 
-Kernels (``kernel="auto"``; ``"torch"`` skips qtrain's own CPU kernels; ``"reference"``
-forces the oracle; built by :mod:`qtrain.quant.fastpaths`, whose constants are the row limits
-named here):
+Kernels (``kernel="auto"``; ``"native"`` forces qtrain's own CPU decode kernels where they
+build and fit, ``"torch"`` skips them; ``"reference"`` forces the oracle; built by
+:mod:`qtrain.quant.fastpaths`, whose constants are the row limits named here):
 
 - reference: unpack, dequantize to float32, ``F.linear`` in float32. Equal bit for bit to
   :class:`~qtrain.quant.fake.FakeQuantLinear`'s forward on the same input.
-- CPU, at most ``NATIVE_MAX_ROWS`` rows (decode), ``auto``: qtrain's own AVX2 kernels
+- CPU, at most ``NATIVE_MAX_ROWS`` rows (decode): qtrain's own AVX2 kernels
   (:mod:`qtrain.quant.native`), reading the canonical buffers directly with float32
-  activations; about 2x PyTorch's at one row. Used when they build (C compiler, AVX2) and the
-  layer fits them (int4 groups, int8 K a multiple of 32); otherwise the next item.
+  activations, when they build (C compiler, AVX2), the layer fits them (int4 groups, int8 K a
+  multiple of 32) and, with ``auto``, they are the faster on this machine: measured once per
+  CPU, torch version, kernel build and thread count against PyTorch's kernels and cached
+  (:mod:`qtrain.quant.autotune`; about 2x PyTorch's at one row on an AVX2 EPYC, slower than
+  PyTorch's int4 on an AVX-512/AMX Xeon). Otherwise the next item.
 - CPU, at most ``CPU_KERNEL_MAX_ROWS`` rows: ``aten._weight_int8pack_mm`` and
   ``aten._weight_int4pack_mm_for_cpu`` fed **bf16** activations (fp32 inputs are several
   times slower), output cast back. int4 weights are repacked once, on the first call that
@@ -64,7 +67,7 @@ from qtrain.quant.primitives import LayerSpec
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "torch", "reference")
+KERNELS = ("auto", "native", "torch", "reference")
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)
 
 
@@ -321,7 +324,7 @@ class Int8Linear(PackedLinear):
         if self.in_features % 8 != 0:
             self._note(f"_weight_int8pack_mm needs K % 8 == 0, K={self.in_features}")
             return None
-        return fp.int8_cpu(w, scales, act, own_kernels=self.kernel == "auto")
+        return fp.int8_cpu(w, scales, act, self.kernel)
 
 
 class Int4Linear(PackedLinear):
@@ -383,7 +386,7 @@ class Int4Linear(PackedLinear):
         if device.type != "cpu":
             self._note(f"no fast path on {device.type}")
             return None
-        return fp.int4_cpu(w, group, self._act_int8, own_kernels=self.kernel == "auto")
+        return fp.int4_cpu(w, group, self._act_int8, self.kernel)
 
 
 class QuantEmbedding(nn.Module):

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from qtrain.config import QuantConfig
+from qtrain.progress import phase
 from qtrain.quant import api
 from qtrain.quant import primitives as P
 from qtrain.quant.fake import FakeQuantLinear
@@ -295,34 +296,39 @@ def _gptq_model(
     """Sequential GPTQ over ``model.blocks`` then the remaining linear targets."""
     blocks = getattr(model, "blocks", None)
     done: set[str] = set()
-    if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-        inputs = _capture_block_inputs(model, blocks[0], calib)
-        for bi, block in enumerate(blocks):
-            prefix = f"blocks.{bi}."
-            mine = [n for n in names if n.startswith(prefix)]
+    bar = phase("GPTQ", total=len(names), unit="layers")
+    with bar:
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            inputs = _capture_block_inputs(model, blocks[0], calib)
+            for bi, block in enumerate(blocks):
+                prefix = f"blocks.{bi}."
+                mine = [n for n in names if n.startswith(prefix)]
+                bar.advance(0, note=f"block {bi + 1}/{len(blocks)}")
 
-            def run_block(blk: nn.Module = block, batches: list[tuple[tuple, dict]] = inputs) -> None:
-                for args, kwargs in batches:
-                    blk(*args, **kwargs)
+                def run_block(blk: nn.Module = block, batches: list[tuple[tuple, dict]] = inputs) -> None:
+                    for args, kwargs in batches:
+                        blk(*args, **kwargs)
 
-            hs = _hessians(run_block, model, mine, spec.activations == "int8")
-            for name in mine:
-                _swap_packed(
-                    model,
-                    name,
-                    gptq_quantize(_weight_of(model, name), hs[name], spec, damp, mse_grid=grid),
-                    spec,
-                    kernel,
-                )
-                done.add(name)
-            inputs = [((block(*args, **kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
-    rest = [n for n in names if n not in done and n != api.EMBEDDING]
-    if rest:
-        hs = _hessians(lambda: [model(b) for b in calib], model, rest, spec.activations == "int8")
-        for name in rest:
-            _swap_packed(
-                model, name, gptq_quantize(_weight_of(model, name), hs[name], spec, damp, mse_grid=grid), spec, kernel
-            )
+                hs = _hessians(run_block, model, mine, spec.activations == "int8")
+                for name in mine:
+                    _swap_packed(
+                        model,
+                        name,
+                        gptq_quantize(_weight_of(model, name), hs[name], spec, damp, mse_grid=grid),
+                        spec,
+                        kernel,
+                    )
+                    done.add(name)
+                    bar.advance()
+                inputs = [((block(*args, **kwargs),) + tuple(args[1:]), kwargs) for args, kwargs in inputs]
+        rest = [n for n in names if n not in done and n != api.EMBEDDING]
+        if rest:
+            bar.advance(0, note="output layers")
+            hs = _hessians(lambda: [model(b) for b in calib], model, rest, spec.activations == "int8")
+            for name in rest:
+                qw = gptq_quantize(_weight_of(model, name), hs[name], spec, damp, mse_grid=grid)
+                _swap_packed(model, name, qw, spec, kernel)
+                bar.advance()
 
 
 # -- entry points -----------------------------------------------------------------------------
@@ -361,9 +367,11 @@ def quantize_ptq(
         raise ValueError("ptq.method=gptq needs calibration batches (ptq.calib_batches > 0)")
     with torch.no_grad():
         if method == "mse":
-            for name in names:
-                if name != api.EMBEDDING:
-                    _swap_packed(model, name, mse_quantize(_weight_of(model, name), spec, grid), spec, qcfg.kernel)
+            with phase("MSE scale search", total=len(names), unit="layers") as bar:
+                for name in names:
+                    if name != api.EMBEDDING:
+                        _swap_packed(model, name, mse_quantize(_weight_of(model, name), spec, grid), spec, qcfg.kernel)
+                    bar.advance()
         elif method == "gptq":
             assert calib is not None
             _gptq_model(model, [n for n in names if n != api.EMBEDDING], spec, calib, damp, qcfg.kernel, grid)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,84 @@ def test_console_script_works_from_another_directory(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "here" / "report.json").is_file()
+
+
+# ---------------------------------------------------------------- issue 12: flags, completion, run dirs
+
+_NO_TORCH = """
+import sys
+from qtrain.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exit_:
+    assert not exit_.code, exit_.code
+assert "torch" not in sys.modules, "torch was imported"
+"""
+
+
+def _flag_run(args: list[str], tmp_path: Path, line: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run qtrain ARGS in a child that fails if torch gets imported; `line` is a completion query's COMP_LINE."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if line is not None:
+        env.update(COMP_LINE=line, COMP_POINT=str(len(line)))
+    res = subprocess.run([sys.executable, "-c", _NO_TORCH, *args], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def test_version_names_qtrain_torch_and_hydra_without_importing_torch(tmp_path: Path) -> None:
+    from importlib.metadata import version
+
+    import qtrain
+
+    out = _flag_run(["--version"], tmp_path).stdout
+    assert f"qtrain {qtrain.__version__}" in out
+    assert f"torch {version('torch')}" in out and f"Hydra {version('hydra-core')}" in out
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_help_and_completion_offer_no_schema_names_and_skip_torch(tmp_path: Path) -> None:
+    helped = _flag_run(["--help"], tmp_path).stdout
+    assert "quant: int4, int8, int8da_int4w, none" in helped and "+experiment=NAME" in helped
+    assert "_schema" not in helped
+    for line, expected in (("qtrain quant=", "quant=int4"), ("qtrain mode=", "mode=train"), ("qtrain tra", "train.")):
+        out = _flag_run(["-sc", "query=bash"], tmp_path, line).stdout
+        assert expected in out.split(), (line, out)
+        assert "_schema" not in out, (line, out)
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("mode,extra", [
+    ("eval", ["data.val_windows=4", "eval.decode_tokens=0", "eval.prefill_tokens=0"]),
+    ("generate", ["generate.max_new_tokens=8"]),
+    ("verify", []),
+])
+def test_read_only_modes_leave_no_run_dir_unless_asked(
+    trained: Path, tmp_path: Path, mode: str, extra: list[str], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tempfile
+
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    monkeypatch.chdir(tmp_path)
+    main([f"mode={mode}", f"init_from={trained}", *extra])
+    err = capsys.readouterr().err
+    assert f"mode={mode} kept no run directory" in err
+    assert not (tmp_path / "outputs").exists() and list(scratch_root.glob("qtrain-*")) == []  # scratch removed
+    main([f"mode={mode}", f"init_from={trained}", *extra, "hydra.run.dir=kept"])  # asked: report.json kept
+    assert json.loads((tmp_path / "kept" / "report.json").read_text())["mode"] == mode
+
+
+def test_cfg_with_a_typo_gets_qtrain_message_but_prints_out_of_range_values(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--cfg", "job", "quant=int3"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "quant=int3: no such option" in err and "quant_schema" not in err
+    main(["--cfg", "job", "quant.group_size=0"])  # --cfg shows a config even when its values would be refused
+    assert "group_size: 0" in capsys.readouterr().out

@@ -54,20 +54,23 @@ def test_ddp_two_processes_match_one_and_resume_bit_identically(tmp_path: Path) 
 
 
 def test_sweep_keeps_going_past_a_failed_job(tmp_path: Path) -> None:
-    # int4 with group 128 cannot divide n_embd=32: that job fails on purpose, int8 succeeds
+    # The second job's corpus is too short for the context: it fails when it loads its data, the
+    # first succeeds. (A config mistake in any job refuses the whole sweep before it starts.)
     corpus = tmp_path / "data" / "corpus.txt"  # a path value must not nest the job dirs
     corpus.parent.mkdir()
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    short = corpus.parent / "short.txt"
+    short.write_text("hello world\n")
     sweep = tmp_path / "sweep"
-    res = run_qtrain(["-m", "mode=qat", "quant=int4,int8", "quant.group_size=128", *SHRINK, "train.max_steps=2",
-                      "data=text", f"data.path={corpus}", f"hydra.sweep.dir={sweep}"])
+    res = run_qtrain(["-m", "mode=qat", "quant=int8", *SHRINK, "train.max_steps=2",
+                      "data=text", f"data.path={corpus},{short}", f"hydra.sweep.dir={sweep}"])
     assert res.returncode == 2
     summary = json.loads((sweep / "sweep_status.json").read_text())
     assert all(Path(j["dir"]).parent == sweep for j in summary["jobs"])
     assert (summary["succeeded"], summary["failed"]) == (1, 1)
-    by_quant = {next(o for o in j["overrides"] if o.startswith("quant=")): j for j in summary["jobs"]}
-    assert by_quant["quant=int4"]["exit_code"] == 2 and by_quant["quant=int8"]["ok"]
-    ok_dir = Path(by_quant["quant=int8"]["dir"])
+    by_data = {next(o for o in j["overrides"] if o.startswith("data.path=")): j for j in summary["jobs"]}
+    assert by_data[f"data.path={short}"]["exit_code"] == 2 and by_data[f"data.path={corpus}"]["ok"]
+    ok_dir = Path(by_data[f"data.path={corpus}"]["dir"])
     assert json.loads((ok_dir / "status.json").read_text())["ok"]
     assert (ok_dir / "report.json").is_file()
     assert "1 job(s) failed" in res.stderr

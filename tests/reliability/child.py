@@ -7,6 +7,11 @@ Hooks, chosen by environment variables (nothing here is imported by qtrain itsel
 - QTRAIN_TEST_KILL_BEFORE_MANIFEST=k: while saving step k, after the weights files are written
   and before manifest.json is, record the published checkpoints' hashes in
   QTRAIN_TEST_HASHES_FILE (if set) and SIGKILL this process.
+- QTRAIN_TEST_HOLD_AFTER_STOP=1 (with the pause above): once the first signal has set the stop
+  flag, create `<ready file>.stopping` and keep waiting (inside the step, 120 s deadline), so
+  the test can send a second signal while the loop is still busy.
+- QTRAIN_TEST_PAUSE_IN_EVAL=path: when `mode=eval` starts computing the validation loss, create
+  the file and sleep (120 s deadline): a signal arrives outside training.
 - QTRAIN_TEST_THREADS=n: torch threads, so the child computes exactly like the parent.
 - QTRAIN_TEST_EVENTS=path: append one JSON line per barrier entry/exit and per checkpoint
   write (rank, pid, step, monotonic time), so a DDP test can check who published when.
@@ -25,7 +30,7 @@ import time
 from pathlib import Path
 
 
-def _install_pause(step: int, ready: Path) -> None:
+def _install_pause(step: int, ready: Path, hold: bool) -> None:
     from qtrain.train import Trainer
 
     original = Trainer._after_step
@@ -37,8 +42,25 @@ def _install_pause(step: int, ready: Path) -> None:
             deadline = time.monotonic() + 120
             while not self.hooks.stop.is_set() and time.monotonic() < deadline:
                 time.sleep(0.01)  # the SIGTERM handler runs between these sleeps
+            if hold:
+                ready.with_suffix(".stopping").write_text("")
+                while time.monotonic() < deadline:
+                    time.sleep(0.01)  # a second signal ends the run from inside this sleep
 
     Trainer._after_step = after_step  # type: ignore[method-assign]
+
+
+def _install_eval_pause(ready: Path) -> None:
+    from qtrain import runner
+
+    def val_loss(*args: object, **kwargs: object) -> float:
+        ready.write_text(str(os.getpid()))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.01)  # the signal ends the run from inside this sleep
+        raise AssertionError("no signal came")
+
+    runner.val_loss = val_loss  # type: ignore[assignment]
 
 
 def _install_kill(step: int, hashes_file: str | None) -> None:
@@ -124,7 +146,10 @@ def main() -> None:
     if os.environ.get("QTRAIN_TEST_THREADS"):
         torch.set_num_threads(int(os.environ["QTRAIN_TEST_THREADS"]))
     if os.environ.get("QTRAIN_TEST_PAUSE_AT_STEP"):
-        _install_pause(int(os.environ["QTRAIN_TEST_PAUSE_AT_STEP"]), Path(os.environ["QTRAIN_TEST_READY_FILE"]))
+        hold = os.environ.get("QTRAIN_TEST_HOLD_AFTER_STOP") == "1"
+        _install_pause(int(os.environ["QTRAIN_TEST_PAUSE_AT_STEP"]), Path(os.environ["QTRAIN_TEST_READY_FILE"]), hold)
+    if os.environ.get("QTRAIN_TEST_PAUSE_IN_EVAL"):
+        _install_eval_pause(Path(os.environ["QTRAIN_TEST_PAUSE_IN_EVAL"]))
     if os.environ.get("QTRAIN_TEST_KILL_BEFORE_MANIFEST"):
         _install_kill(int(os.environ["QTRAIN_TEST_KILL_BEFORE_MANIFEST"]), os.environ.get("QTRAIN_TEST_HASHES_FILE"))
     if os.environ.get("QTRAIN_TEST_EVENTS"):

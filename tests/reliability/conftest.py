@@ -142,7 +142,14 @@ def rewrite_listed_file(ckpt: Path, name: str, data: bytes) -> None:
     (ckpt / name).write_bytes(data)
     m = json.loads((ckpt / "manifest.json").read_text())
     m["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (ckpt / "manifest.json").write_text(json.dumps(m))
+    write_manifest(ckpt, m)
+
+
+def write_manifest(ckpt: Path, m: dict[str, Any]) -> None:
+    """Write `m` as the checkpoint's manifest, resealed (`manifest_sha256`): a forger who rewrites both."""
+    from qtrain import checkpoint as ck
+
+    (ckpt / ck.MANIFEST).write_bytes(ck.json_file_bytes(ck.seal_manifest(m)))
 
 
 def start_child(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:

@@ -111,3 +111,87 @@ def test_case_27_empty_binary_or_too_short_corpus(tmp_path: Path, capsys: pytest
     assert qtrain([*SHRINK, "data=text", f"data.path={tmp_path / 'too_short.txt'}", f"hydra.run.dir={run}"]) == 2
     assert str(tmp_path / "too_short.txt") in capsys.readouterr().err
     assert not run.exists()
+
+
+# ---------------------------------------------------------------- issue 12, item 7: every mistake exits 2
+
+
+@pytest.mark.parametrize(
+    "override,needles",
+    [
+        ("train.lr=abc", ["train.lr=abc: expected a float", "e.g. train.lr="]),
+        ("train.max_steps=1.5", ["train.max_steps=1.5: expected an integer"]),
+        ("compile=maybe", ["compile=maybe: expected true or false"]),
+        ("train=3", ["train=3: train is a group of settings", "e.g. train.max_steps=500"]),
+        ("trian.max_steps=5", ["trian.max_steps: unknown config key", "Did you mean train?", "Valid top-level keys"]),
+        ("+train.foo=1", ["train.foo: unknown config key", "cannot add keys"]),
+        ("~train.lr", ["~train.lr: keys of qtrain's config cannot be deleted"]),
+        ("train.lr=1,2", ["train.lr=1,2", "add -m"]),
+        ("experiment=qat_int4", ["+experiment=qat_int4"]),
+        ("train.lr=[1,", ["train.lr=[1,: cannot parse this override"]),
+    ],
+)
+def test_refused_value_says_why(
+    tmp_path: Path, override: str, needles: list[str], no_model: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert qtrain([override, f"hydra.run.dir={run}"]) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in:\n{err}"
+    assert "Traceback" not in err and "Error merging override" not in err
+    assert not run.exists()
+
+
+def test_every_typo_listed_at_once_without_schema_names(
+    tmp_path: Path, no_model: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    args = ["train.lr=abc", "trian.max_steps=5", "quant=int3", "mode=trian", f"hydra.run.dir={run}"]
+    assert qtrain(args) == 2
+    err = capsys.readouterr().err
+    assert "4 problems" in err
+    for needle in ("train.lr=abc", "trian.max_steps", "quant=int3", "mode=trian", "Did you mean mode=train?"):
+        assert needle in err, f"{needle!r} not in:\n{err}"
+    assert "_schema" not in err  # ConfigStore entries are never offered as choices
+    assert not run.exists()
+
+
+def test_device_cuda_without_cuda_is_a_config_error(
+    tmp_path: Path, no_model: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: device=cuda is valid here")
+    run = tmp_path / "run"
+    assert qtrain([*SHRINK, "mode=train", "device=cuda", f"hydra.run.dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert "device=cuda:" in err and "device=cpu" in err and "Traceback" not in err
+    assert not run.exists()
+
+
+def test_hooks_that_cannot_be_built_exit_2_naming_the_entry(
+    tmp_path: Path, no_model: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    hooks = (
+        "hooks=[{_target_: nope.Nope},{_target_: qtrain.quant.hooks.SQNRLogger, evry: 3},"
+        "{_target_: qtrain.quant.hooks.SQNRLoger}]"
+    )
+    assert qtrain([*SHRINK, hooks, f"hydra.run.dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert "3 problems" in err and "Traceback" not in err
+    assert "hooks[0]: _target_ nope.Nope cannot be imported" in err
+    assert "hooks[1]: qtrain.quant.hooks.SQNRLogger" in err and "'evry'" in err and "it takes: every" in err
+    assert "hooks[2]" in err and "Did you mean qtrain.quant.hooks.SQNRLogger?" in err
+    assert not run.exists()
+
+
+def test_hook_failing_inside_a_run_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Past the precheck (library callers, `cli.execute`), a hook that cannot be built is still exit 2."""
+    spec = [{"_target_": "qtrain.quant.hooks.KeepFullPrecision", "patterns": ["no.such.layer"]}]
+    changes = {"mode.name": "qat", "quant.scheme": "int4", "train.max_steps": 1, "hooks": spec}
+    assert execute(changes, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "KeepFullPrecision: no quantized layer matches" in err and "Traceback" not in err

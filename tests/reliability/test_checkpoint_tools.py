@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from qtrain import checkpoint as ck
-from tests.reliability.conftest import FIXTURES, copy_run, execute, manifest, tree_hashes
+from tests.reliability.conftest import FIXTURES, copy_run, execute, manifest, tree_hashes, write_manifest
 
 
 def test_write_safetensors_round_trips_every_dtype(tmp_path: Path) -> None:
@@ -67,7 +67,7 @@ def test_verify_refuses_weights_that_do_not_fit_the_manifest_model(
     ckpt = copy_run(trained / "checkpoints" / "step_0000004", tmp_path / "ckpt")
     m = manifest(ckpt)
     m["model"]["n_layer"] = 2  # consistent files, but the weights cannot fill this model
-    (ckpt / ck.MANIFEST).write_text(json.dumps(m))
+    write_manifest(ckpt, m)
     assert execute({"mode.name": "verify", "init_from": str(ckpt)}, tmp_path / "v") == 3
     assert "blocks.1" in capsys.readouterr().err
 

@@ -14,6 +14,7 @@ from qtrain.config import ModelConfig
 from qtrain.errors import CheckpointError
 from qtrain.model import GPT
 from qtrain.runner import model_from_checkpoint
+from tests.numerics import assert_close_across_cpus, model_reductions
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -76,4 +77,6 @@ def test_v1_fixture_loads_migrates_and_gives_stored_logits() -> None:
     model = model_from_checkpoint(loaded, torch.device("cpu"))
     expected = load_file(str(src) + ".expected.safetensors")["logits"]
     with torch.no_grad():
-        torch.testing.assert_close(model(torch.arange(32).view(1, 32)), expected, rtol=0, atol=0)
+        # Not bit-exact: AVX-512 kernels sum in another order than the AVX2 machine that stored them.
+        got = model(torch.arange(32).view(1, 32))
+    assert_close_across_cpus(got, expected, **model_reductions(loaded.manifest["model"]))

@@ -29,13 +29,30 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define QT_ABI 2
+#define QT_ABI 3
 
 int qt_abi_version(void) { return QT_ABI; }
+
+/*
+ * Threads: every kernel takes `nthreads` (the caller passes torch.get_num_threads(), so one
+ * setting, qtrain's `threads`, drives PyTorch and these kernels) and opens its parallel region
+ * with num_threads(nthreads); OMP_NUM_THREADS does not apply.  qt_omp_team_size(n) is the
+ * size of the team such a region gets (the runtime may give fewer, e.g. under OMP_THREAD_LIMIT).
+ */
+int qt_omp_team_size(int nthreads) {
+    int size = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp single
+        size = omp_get_num_threads();
+    }
+    return size;
+}
 
 static inline float hsum256(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v);

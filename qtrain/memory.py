@@ -1,0 +1,405 @@
+"""Peak memory of a run, estimated before anything is allocated, and the memory it may use.
+
+Pure arithmetic from the config: no tensor is created. A run's peak is the largest of its
+phases (training step, validation, PTQ calibration), each a sum of named parts:
+
+- weights 4 B/parameter, gradients 4 B, AdamW state 8 B (two fp32 moments);
+- activations kept for the backward pass, per layer per token (fp32, measured on this
+  model): block input, two RMSNorms (input, normalized, output: ``2C + 1``), ``qkv`` ``3C``,
+  rotated q/k ``2C``, attention output ``C`` and log-sum-exp ``n_head``, residual ``C``,
+  ``gate_up`` ``2F``, SiLU ``F``, product ``F``: ``12C + 4F + n_head + 2`` per layer; then the
+  final norm ``3C + 1`` and the log-softmax of the logits ``vocab``. With
+  ``train.activation_checkpointing=true`` a layer keeps only its input ``C`` and one layer's
+  activations are recomputed at a time;
+- transients at the peak: the logits and their gradients in fp32 (``2 x vocab`` per token),
+  or one block's backward (``4F + 4C``);
+- QAT: each fake-quantized weight is kept quantized-dequantized (4 B) with its clamp mask
+  (1 B); distillation adds the frozen teacher;
+- PTQ/GPTQ: the calibration batches' block inputs (twice: one block's inputs and outputs),
+  the Hessians of one block (``3 C^2 + F^2`` fp32) and GPTQ's factorizations of the widest
+  (``4 K^2``); a checkpoint's tensors stay in memory beside the model built from them.
+
+Tensors smaller than glibc's largest mmap threshold (32 MiB) come from the heap, which keeps
+freed memory for reuse: their peak resident size was measured at about 1.6x their size, and
+the estimate counts them so. The process's resident size when the estimate is made (Python,
+torch, qtrain) is the baseline. On CUDA the activations are counted at 2 bytes (bf16
+autocast) and compared with the device's free memory.
+
+Example:
+    >>> est = estimate(cfg, cfg.model)
+    >>> est.total > available_memory().bytes   # refuse before allocating
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from qtrain.config import TRAINING_MODES, ModelConfig, RunConfig
+from qtrain.console import info, warn
+from qtrain.corpus import COPIES
+from qtrain.errors import ResourceError
+from qtrain.sysmem import Available
+
+GB = 1e9
+HEAP_MMAP_MAX = 32 * 2**20
+"""glibc's largest dynamic mmap threshold: smaller blocks are served from the heap."""
+HEAP_SLACK = 0.6
+"""Extra resident memory per byte of heap-served activations (freed blocks kept for reuse)."""
+RUNTIME_BYTES = 400 * 2**20
+"""Baseline when the process's resident size cannot be read (Python, torch and qtrain)."""
+FIRST_STEP_BYTES = 64 * 2**20
+"""Thread pools and kernel scratch the first forward/backward adds."""
+EVAL_TOKENS = 32 * 1024
+"""Tokens per validation batch: 32 windows up to block_size 1024, fewer windows beyond."""
+EVAL_BATCH = 32
+Fits = Callable[[RunConfig], "int | None"]
+"""Estimated bytes of a changed config when it fits the limit, else None."""
+
+
+def eval_batch_size(block_size: int) -> int:
+    """Validation windows per batch: 32, fewer for contexts over 1024 tokens (bounded memory)."""
+    return max(1, min(EVAL_BATCH, EVAL_TOKENS // max(1, block_size)))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The peak phase of a run and what it is made of (bytes)."""
+
+    phase: str
+    parts: tuple[tuple[str, int], ...]
+
+    @property
+    def total(self) -> int:
+        """Estimated peak resident bytes of the process."""
+        return sum(n for _, n in self.parts)
+
+    def describe(self) -> str:
+        """``training: weights 0.50 GB, gradients 0.50 GB, ...`` (parts of 10 MB and more)."""
+        shown = ", ".join(f"{name} {gb(n)}" for name, n in self.parts if n >= 10**7)
+        return f"{self.phase}: {shown}"
+
+
+def gb(n: float) -> str:
+    """Bytes as ``12.3 GB`` (decimal gigabytes, two significant decimals below 10)."""
+    return f"{n / GB:.2f} GB" if n < 10 * GB else f"{n / GB:.1f} GB"
+
+
+# ---------------------------------------------------------------- model arithmetic
+
+
+def n_params(m: ModelConfig) -> int:
+    """Parameters, tied weights once."""
+    return block_linear_params(m) + linear_free_params(m)
+
+
+def linear_free_params(m: ModelConfig) -> int:
+    """Parameters outside the blocks' projections (embedding, head, norms)."""
+    return m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2) + m.n_embd + 2 * m.n_layer * m.n_embd
+
+
+def block_linear_params(m: ModelConfig) -> int:
+    """Weights of the blocks' four projections: what quantization targets by default."""
+    return m.n_layer * (4 * m.n_embd**2 + 3 * m.n_embd * m.mlp_hidden)
+
+
+def _tensors(widths: list[int], tokens: int, nbytes: int) -> int:
+    """Resident bytes of per-token tensors ``tokens x width x nbytes``, heap slack included."""
+    total = 0.0
+    for w in widths:
+        size = tokens * w * nbytes
+        total += size * (1 + HEAP_SLACK) if size < HEAP_MMAP_MAX else size
+    return int(total)
+
+
+def block_saved(m: ModelConfig, act_int8: bool = False) -> list[int]:
+    """Widths of the per-token tensors one block keeps for the backward pass (see module doc)."""
+    c, f = m.n_embd, m.mlp_hidden
+    widths = [c, 1, c, c, 3 * c, 2 * c, m.n_head, c, c, 1, c, c, 2 * f, f, f]
+    return widths + ([c] if act_int8 else [])  # the attention output, fake-quantized, beside itself
+
+
+def head_saved(m: ModelConfig) -> list[int]:
+    """Final norm (input, rsqrt, normalized, output) and the log-softmax of the logits."""
+    return [m.n_embd, 1, m.n_embd, m.n_embd, m.vocab_size]
+
+
+def eval_widths(m: ModelConfig) -> list[int]:
+    """Largest set of per-token tensors alive at once in a no-grad forward, logits included."""
+    c, f = m.n_embd, m.mlp_hidden
+    attention = [c, c, 3 * c, 2 * c, 2 * c]
+    mlp = [c, c, 2 * f, f, f]
+    return max(attention, mlp, key=sum) + [m.vocab_size] * 3
+
+
+# ---------------------------------------------------------------- phases
+
+
+def _activations(cfg: RunConfig, m: ModelConfig, act_bytes: int) -> list[tuple[str, int]]:
+    """Kept activations, and the largest of the two backward peaks: at the logits (head kept,
+    logits' gradients) or inside a block (its gradients; with checkpointing, its recomputation)."""
+    t, mode = cfg.train, cfg.mode.name
+    tokens = t.batch_size * m.block_size
+    act_int8 = mode in ("qat", "finetune") and (cfg.quant.activations == "int8" or cfg.quant.scheme == "int8da_int4w")
+    one = block_saved(m, act_int8)
+    c, f, v = m.n_embd, m.mlp_hidden, m.vocab_size
+    at_logits = head_saved(m) + [v, v] + ([v, v, v, v] if cfg.qat.distill and mode == "qat" else [])
+    in_block = [2 * f, f, f, c, c, c, c] + (one if t.activation_checkpointing else [])
+    kept = [c] * m.n_layer if t.activation_checkpointing else one * m.n_layer
+    label = (
+        f"activations ({t.batch_size} x {m.block_size} tokens{', checkpointed' if t.activation_checkpointing else ''})"
+    )
+    return [
+        (label, _tensors(kept, tokens, act_bytes)),
+        (
+            "backward peak (logits or one block)",
+            max(_tensors(at_logits, tokens, 4), _tensors(in_block, tokens, act_bytes)),
+        ),
+        ("batch", tokens * 16),
+    ]
+
+
+def _loaded_bytes(cfg: RunConfig, m: ModelConfig, loaded: str | None) -> list[tuple[str, int]]:
+    """A checkpoint's tensors, kept beside the model built from them (``loaded``: its scheme)."""
+    if loaded is None:
+        return []
+    bits = {"none": 32, "int8": 8}.get(loaded, 4)
+    lin = block_linear_params(m)
+    return [("checkpoint tensors", lin * bits // 8 + 4 * (n_params(m) - lin))]
+
+
+def _optimizer_parts(cfg: RunConfig, m: ModelConfig) -> list[tuple[str, int]]:
+    p = n_params(m)
+    parts = [("weights", 4 * p), ("gradients", 4 * p), ("AdamW state", 8 * p)]
+    quantized = cfg.mode.name in ("qat", "finetune")
+    if quantized:
+        lin = block_linear_params(m)
+        parts.append(("fake-quant weights and masks", 5 * lin))
+    if cfg.mode.name == "qat" and cfg.qat.distill and cfg.init_from:
+        parts.append(("distillation teacher", 4 * p))
+    if _world(cfg) > 1:
+        parts.append(("DDP gradient buckets", 4 * p))
+    return parts
+
+
+def _world(cfg: RunConfig) -> int:
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
+def training_phase(cfg: RunConfig, m: ModelConfig, loaded: str | None, act_bytes: int = 4) -> list[tuple[str, int]]:
+    """One optimizer step at its peak (start of the backward pass, steady state)."""
+    return _optimizer_parts(cfg, m) + _loaded_bytes(cfg, m, loaded) + _activations(cfg, m, act_bytes)
+
+
+def validation_phase(cfg: RunConfig, m: ModelConfig, loaded: str | None, training: bool) -> list[tuple[str, int]]:
+    """A no-grad validation batch; during training the AdamW state stays (gradients are freed)."""
+    p = n_params(m)
+    parts = [("weights", 4 * p)]
+    if training:
+        parts += [("AdamW state", 8 * p)] + [x for x in _optimizer_parts(cfg, m)[3:]]
+    windows = eval_batch_size(m.block_size)
+    if cfg.data.val_windows > 0:
+        windows = min(windows, cfg.data.val_windows)
+    tokens = windows * m.block_size
+    parts.append((f"validation batch ({tokens} tokens)", _tensors(eval_widths(m), tokens, 4)))
+    return parts + _loaded_bytes(cfg, m, loaded)
+
+
+def calibration_phase(cfg: RunConfig, m: ModelConfig, method: str, loaded: str | None) -> list[tuple[str, int]]:
+    """PTQ (or QAT's PTQ start): GPTQ calibration data and Hessians, or MSE/RTN per-layer work."""
+    c, f = m.n_embd, m.mlp_hidden
+    parts = [("weights", 4 * n_params(m))] + _loaded_bytes(cfg, m, loaded)
+    widest = max(4 * c * c, 3 * c * f)  # largest projection (qkv or gate_up rows x columns)
+    if method != "gptq":
+        return parts + [(f"{method} per-layer work", 6 * 4 * widest)]
+    batch = cfg.train.batch_size * m.block_size
+    n = cfg.ptq.calib_batches
+    parts.append((f"calibration ({n} x {cfg.train.batch_size} x {m.block_size} tokens)", n * batch * (2 * 4 * c + 8)))
+    parts.append(("GPTQ Hessians and factors", 4 * (3 * c * c + f * f) + 4 * 4 * max(c, f) ** 2 + 3 * 4 * widest))
+    parts.append(("calibration forward", _tensors(eval_widths(m), batch, 4)))
+    return parts
+
+
+def _phases(cfg: RunConfig, m: ModelConfig, loaded: str | None, act_bytes: int) -> dict[str, list[tuple[str, int]]]:
+    mode = cfg.mode.name
+    phases: dict[str, list[tuple[str, int]]] = {}
+    if mode in TRAINING_MODES:
+        phases["training"] = training_phase(cfg, m, loaded, act_bytes)
+        phases["validation"] = validation_phase(cfg, m, loaded, training=True)
+    if mode == "ptq":
+        phases["validation"] = validation_phase(cfg, m, loaded, training=False)
+        phases[f"PTQ ({cfg.ptq.method})"] = calibration_phase(cfg, m, cfg.ptq.method, loaded)
+    if mode == "qat" and cfg.init_from:
+        init = cfg.qat.init if cfg.qat.init != "auto" else "gptq"
+        if init != "rtn":
+            phases[f"QAT start ({init})"] = calibration_phase(cfg, m, init, loaded)
+    return phases
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Where a run starts, beside its config."""
+
+    loaded: str | None = None
+    """Scheme of the checkpoint the weights come from (``none``: full precision); None: a fresh model."""
+    baseline: int | None = None
+    """The process's resident bytes now; None: :data:`RUNTIME_BYTES`; 0 for device memory."""
+    data_bytes: int = 0
+    """Size of the corpus (held ``COPIES`` times while it is read)."""
+    act_bytes: int = 4
+    """Bytes per activation element (4; 2 under CUDA bf16 autocast)."""
+
+
+def estimate(cfg: RunConfig, model: ModelConfig, setting: Setting = Setting()) -> Estimate:
+    """The run's estimated peak resident memory.
+
+    Args:
+        cfg: the run's config (mode, train, quant, ptq, qat).
+        model: the model's shape (from the checkpoint for ``init_from``).
+        setting: checkpoint scheme, resident bytes now, corpus size, activation bytes.
+
+    Returns:
+        The peak phase with its parts (the runtime, first-step overhead and corpus included).
+    """
+    s = setting
+    fixed = [("runtime", (RUNTIME_BYTES if s.baseline is None else s.baseline) + FIRST_STEP_BYTES)]
+    if s.data_bytes:
+        fixed.append(("corpus", COPIES * s.data_bytes))
+    loaded, act_bytes = s.loaded, s.act_bytes
+    phases = _phases(cfg, model, loaded, act_bytes) or {"weights": [("weights", 4 * n_params(model))]}
+    name, parts = max(phases.items(), key=lambda kv: sum(n for _, n in kv[1]))
+    return Estimate(name, tuple(parts + fixed))
+
+
+# ---------------------------------------------------------------- what to change
+
+
+def _with_train(cfg: RunConfig, **changes: object) -> RunConfig:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **changes))  # type: ignore[arg-type]
+
+
+def _split_batch(cfg: RunConfig, fits: Fits, checkpointing: bool) -> str | None:
+    """The largest ``train.batch_size`` dividing the current one that fits, same sequences per step."""
+    t = cfg.train
+    for b in sorted((d for d in range(1, t.batch_size) if t.batch_size % d == 0), reverse=True):
+        accum = t.grad_accum * t.batch_size // b
+        need = fits(_with_train(cfg, batch_size=b, grad_accum=accum, activation_checkpointing=checkpointing))
+        if need is not None:
+            flag = " train.activation_checkpointing=true" if checkpointing and not t.activation_checkpointing else ""
+            return (
+                f"train.batch_size={b} train.grad_accum={accum}{flag} "
+                f"(the same {t.batch_size * t.grad_accum} sequences per step; about {gb(need)})"
+            )
+    return None
+
+
+def _training_remedies(cfg: RunConfig, fits: Fits) -> list[str]:
+    out: list[str] = []
+    split = _split_batch(cfg, fits, cfg.train.activation_checkpointing)
+    if split:
+        out.append(split)
+    if not cfg.train.activation_checkpointing:
+        need = fits(_with_train(cfg, activation_checkpointing=True))
+        if need is not None:
+            out.append(f"train.activation_checkpointing=true (about {gb(need)}; one more forward per block)")
+        elif split is None and (both := _split_batch(cfg, fits, True)):
+            out.append(both)
+    return out
+
+
+def remedies(cfg: RunConfig, model: ModelConfig, limit: int, setting: Setting = Setting()) -> list[str]:
+    """Overrides that bring the estimate under `limit`, each with the memory it would need.
+
+    Training: a smaller ``train.batch_size`` with a larger ``train.grad_accum`` (the same
+    sequences per optimizer step), ``train.activation_checkpointing=true``, or both; for a
+    fresh model when neither fits, a shorter ``model.block_size``. GPTQ calibration: fewer
+    ``ptq.calib_batches``. Empty when nothing qtrain can change fits.
+    """
+
+    def fits(c: RunConfig, m: ModelConfig = model) -> int | None:
+        total = estimate(c, m, setting).total
+        return total if total <= limit else None
+
+    out: list[str] = []
+    if cfg.mode.name in TRAINING_MODES:
+        out = _training_remedies(cfg, fits)
+        if not out and setting.loaded is None:
+            for size in (model.block_size // 2**k for k in range(1, 6)):
+                if size >= 16 and (need := fits(cfg, dataclasses.replace(model, block_size=size))) is not None:
+                    out.append(f"model.block_size={size} (a shorter context; about {gb(need)})")
+                    break
+    if cfg.mode.name == "ptq" and cfg.ptq.method == "gptq" or cfg.mode.name == "qat" and cfg.init_from:
+        for n in (cfg.ptq.calib_batches // 2**k for k in range(1, 8)):
+            if n >= 1 and (need := fits(dataclasses.replace(cfg, ptq=dataclasses.replace(cfg.ptq, calib_batches=n)))):
+                out.append(f"ptq.calib_batches={n} (about {gb(need)})")
+                break
+    return out
+
+
+# ---------------------------------------------------------------- the check
+
+
+WARN_FRACTION = 0.85
+"""An estimate above this fraction of the available memory is run, with a warning."""
+
+
+def check(
+    cfg: RunConfig,
+    model: ModelConfig,
+    available: Available,
+    setting: Setting = Setting(),
+) -> dict[str, int]:
+    """Print the estimate against the available memory; refuse a run that cannot fit.
+
+    Args:
+        cfg: the run's config.
+        model: the model's shape (the checkpoint's for ``init_from``).
+        available: what the process may use (:func:`qtrain.sysmem.available_memory`).
+        setting: checkpoint scheme, resident bytes now, corpus size, activation bytes.
+
+    Returns:
+        ``memory_estimate_bytes`` and ``memory_available_bytes`` for report.json.
+
+    Raises:
+        ResourceError: the estimate exceeds the available memory (exit 5), with overrides that fit.
+    """
+    procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    est = estimate(cfg, model, setting)
+    need = est.total * procs
+    each = f" per process, x{procs} processes on this node" if procs > 1 else ""
+    line = (
+        f"about {gb(est.total)} at peak{each} ({est.describe()}); {gb(available.bytes)} available ({available.source})"
+    )
+    if need > available.bytes:
+        raise ResourceError(_refusal(cfg, model, est, line, available.bytes // procs, setting))
+    info(f"memory: {line}")
+    if need > WARN_FRACTION * available.bytes:
+        warn(f"memory: the estimate is {need / available.bytes:.0%} of the available memory; {_knobs(cfg, model)}")
+    return {"memory_estimate_bytes": est.total, "memory_available_bytes": available.bytes}
+
+
+def _knobs(cfg: RunConfig, model: ModelConfig) -> str:
+    t = cfg.train
+    return (
+        f"train.batch_size={t.batch_size} (with train.grad_accum={t.grad_accum}), model.block_size={model.block_size}"
+        f" and train.activation_checkpointing={str(t.activation_checkpointing).lower()} set the activations"
+    )
+
+
+def _refusal(cfg: RunConfig, model: ModelConfig, est: Estimate, line: str, limit: int, setting: Setting) -> str:
+    fixes = remedies(cfg, model, limit, setting)
+    head = (
+        f"not enough memory for this mode={cfg.mode.name} run (model={model.name}, train.batch_size="
+        f"{cfg.train.batch_size}, model.block_size={model.block_size}): {line}. The kernel would kill it "
+        f"part way, so nothing was allocated."
+    )
+    if fixes:
+        return f"{head} Overrides that fit: " + "; or ".join(fixes)
+    floor = sum(n for name, n in est.parts if not name.startswith(("activations", "logits", "batch", "valid")))
+    return (
+        f"{head} Nothing qtrain can change fits: weights, optimizer state and runtime alone need about "
+        f"{gb(floor)}. Use a smaller model (model=small|medium), fewer processes per node, or a machine "
+        f"with more memory. {_knobs(cfg, model)}."
+    )
