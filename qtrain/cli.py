@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from rich.markup import escape
 
 from qtrain import cli_flags, rundir, runlock, runtime
 from qtrain.config import RunConfig, register_configs, validate
-from qtrain.console import console, err_console, rank
+from qtrain.console import console, err_console, error, labelled, plain, rank
 from qtrain.errors import (
     EXIT_BUG,
     EXIT_CONFIG,
@@ -81,8 +80,10 @@ allocate memory: you tried to allocate N bytes``; MPS and others: ``... out of m
 
 def _is_oom(err: BaseException) -> bool:
     """Whether `err` is an allocator's out-of-memory error (by type, or a RuntimeError by its text)."""
-    return isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or bool(
-        isinstance(err, RuntimeError) and _OOM_TEXT.search(str(err))
+    return (
+        isinstance(err, MemoryError)
+        or type(err).__name__ == "OutOfMemoryError"
+        or bool(isinstance(err, RuntimeError) and _OOM_TEXT.search(str(err)))
     )
 
 
@@ -94,12 +95,20 @@ def _oom_message(cfg: RunConfig, ctx: Any = None, device: str = "cpu") -> str:
     if mem:
         need, avail = mem["memory_estimate_bytes"] / 1e9, mem["memory_available_bytes"] / 1e9
         estimate = f"; qtrain estimated {need:.2f} GB of the {avail:.2f} GB available"
+    fixes = [
+        "train.batch_size=<smaller> and train.grad_accum=<larger> (the same sequences per step)",
+        "train.activation_checkpointing=true (recompute activations in the backward pass)",
+        "a smaller model.block_size (a new model)",
+    ]
+    if cfg.mode.name not in DISTRIBUTED_MODES:  # ptq, eval, generate: calibration and validation batches
+        fixes = ["fewer ptq.calib_batches or a smaller train.batch_size (GPTQ calibration)", *fixes[2:]]
+    fixes.append("fewer data.val_windows (validation runs min(32, data.val_windows) windows at once)")
     return (
         f"out of memory with train.batch_size={cfg.train.batch_size} and model.block_size={model.block_size} "
-        f"(model={model.name}{estimate}). Reduce memory with train.batch_size=<smaller> and "
-        f"train.grad_accum=<larger> (the same sequences per step), train.activation_checkpointing=true "
-        f"(recompute activations in the backward pass), a smaller model.block_size (a new model), or fewer "
-        f"ptq.calib_batches (GPTQ){', or device=cpu' if device == 'cuda' else ''}."
+        f"(mode={cfg.mode.name}, model={model.name}{estimate}). Reduce memory with "
+        + "; ".join(fixes)
+        + ("; or device=cpu" if device == "cuda" else "")
+        + "."
     )
 
 
@@ -113,7 +122,7 @@ def execute(cfg: RunConfig, run_dir: Path, overrides: list[str] | None = None) -
 
     problems = validate(cfg)
     if problems:
-        err_console.print("[bold red]error:[/bold red] invalid configuration:\n  - " + "\n  - ".join(problems))
+        error("invalid configuration:\n  - " + "\n  - ".join(problems))
         _cleanup_empty_run_dir(run_dir)
         return EXIT_CONFIG
     distributed.init(cfg.device)  # no-op unless torchrun/SLURM started several processes
@@ -131,17 +140,17 @@ def execute(cfg: RunConfig, run_dir: Path, overrides: list[str] | None = None) -
         run(ctx)
         return stopper.exit_code or (EXIT_SIGTERM if ctx.stop.is_set() else EXIT_OK)
     except Interrupted as err:
-        err_console.print(f"[bold red]stopped:[/bold red] {escape(str(err))}")
+        error(str(err), "stopped")
         return err.exit_code
     except Preempted as err:
         code = stopper.exit_code or err.exit_code
-        err_console.print(f"[bold red]stopped:[/bold red] {escape(_preempted_message(err, code))}")
+        error(_preempted_message(err, code), "stopped")
         return code
     except NonFiniteError as err:
-        err_console.print(f"[bold red]error:[/bold red] {_nonfinite_message(err, run_dir)}")
+        error(_nonfinite_message(err, run_dir))
         return err.exit_code
     except QtrainError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}")
+        error(str(err))
         if isinstance(err, ConfigError):
             _cleanup_empty_run_dir(run_dir)
         return err.exit_code
@@ -150,18 +159,18 @@ def execute(cfg: RunConfig, run_dir: Path, overrides: list[str] | None = None) -
 
         if not isinstance(err, DataError):
             raise
-        err_console.print(f"[bold red]error:[/bold red] {err}")
+        error(str(err))
         _cleanup_empty_run_dir(run_dir)
         return EXIT_CONFIG
     except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError, the CPU allocator's RuntimeError
         if not _is_oom(err):
             raise
-        err_console.print(f"[bold red]error:[/bold red] {escape(_oom_message(cfg, ctx, device.type))}")
+        error(_oom_message(cfg, ctx, device.type))
         return EXIT_RESOURCES
     except OSError as err:
         if err.errno != errno.ENOSPC:
             raise
-        err_console.print(f"[bold red]error:[/bold red] disk full: {err}")
+        error(f"disk full: {err}")
         return EXIT_RESOURCES
     finally:
         runtime.restore(previous)
@@ -194,7 +203,7 @@ def _write_status(run_dir: Path, code: int, overrides: list[str]) -> None:
         with runlock.hold(run_dir):
             rundir.write_atomic(run_dir / STATUS_FILE, json.dumps(status, indent=2) + "\n")
     except ConfigError as err:
-        err_console.print(f"[yellow]warning:[/yellow] {STATUS_FILE} not written: {escape(str(err))}")
+        err_console.print(labelled("warning", "yellow", f"{STATUS_FILE} not written: {err}"))
 
 
 def _task(dcfg: DictConfig) -> None:
@@ -207,7 +216,7 @@ def _task(dcfg: DictConfig) -> None:
     overrides = list(hc.overrides.task)
     if _sweep_stopped:  # an earlier job of this sweep, or the sweep, was stopped by SIGINT/SIGTERM
         stop = _sweep_stopped[0]
-        err_console.print(f"skipped after {runtime.signal_name(stop)}: {escape(' '.join(overrides))}")
+        err_console.print(plain(f"skipped after {runtime.signal_name(stop)}: {' '.join(overrides)}"))
         _write_status(run_dir, stop, overrides)
         _jobs.append({"dir": str(run_dir), "exit_code": stop, "ok": False, "overrides": overrides, "skipped": True})
         _failures.append({"dir": str(run_dir), "exit_code": stop, "overrides": overrides})
@@ -217,7 +226,7 @@ def _task(dcfg: DictConfig) -> None:
         assert isinstance(cfg, RunConfig)
         code = execute(cfg, run_dir, overrides)
     except Interrupted as err:  # a signal before execute took over (composing this job's config)
-        err_console.print(f"[bold red]stopped:[/bold red] {escape(str(err))}")
+        error(str(err), "stopped")
         code = err.exit_code
     except Exception:  # noqa: BLE001 - a bug: show it, record it, keep sweeps going
         traceback.print_exc()
@@ -258,12 +267,13 @@ def main(argv: list[str] | None = None) -> None:
     note = "the sweep stops; jobs not started are skipped"
     guard = runtime.SignalStop(_stop_sweep if sweep else None, only_in_training=False, note=note)
     previous = runtime.install(guard)
-    if (openmp := runtime.openmp_wait_policy()) is not None and rank() == 0:  # before torch is imported
-        err_console.print(f"note: {openmp}", markup=False, style="dim")
+    # Before torch is imported. Not printed (it would be the first line of every command,
+    # --version and tab completion included); report.json records it as `omp_wait_policy`.
+    runtime.openmp_wait_policy()
     try:
         _main(argv)
     except Interrupted as err:
-        err_console.print(f"[bold red]stopped:[/bold red] {escape(str(err))}")
+        error(str(err), "stopped")
         sys.exit(err.exit_code)
     finally:
         runtime.restore(previous)
@@ -340,18 +350,18 @@ def _main(argv: list[str]) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
     if scratch is not None and rank() == 0:
         note = f"note: mode={mode} kept no run directory; pass hydra.run.dir=DIR to keep report.json"
-        err_console.print(f"[dim]{note}[/dim]")
+        err_console.print(plain(note, "dim"))
     if _jobs and rank() == 0:
         sweep_dir = _sweep_dir[0] if _sweep_dir else Path(_jobs[0]["dir"]).parent
         summary = {"jobs": _jobs, "failed": len(_failures), "succeeded": len(_jobs) - len(_failures)}
         try:
             rundir.write_atomic(sweep_dir / "sweep_status.json", json.dumps(summary, indent=2) + "\n")
         except ConfigError as err:  # a planted link or a directory in its place: refused, never written through
-            err_console.print(f"[bold red]error:[/bold red] {escape(str(err))}")
+            error(str(err))
             if not _failures:
                 sys.exit(EXIT_CONFIG)
     if _failures:
         err_console.print(f"[bold red]{len(_failures)} job(s) failed:[/bold red]")
         for f in _failures:
-            err_console.print(f"  exit {f['exit_code']}: {' '.join(f['overrides'])}  ({f['dir']})")
+            err_console.print(plain(f"  exit {f['exit_code']}: {' '.join(f['overrides'])}  ({f['dir']})"))
         sys.exit(_sweep_stopped[0] if _sweep_stopped else _failures[0]["exit_code"])

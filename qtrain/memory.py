@@ -1,7 +1,8 @@
-"""Peak memory of a run, estimated before anything is allocated, and the memory it may use.
+"""Peak memory of a run, estimated before anything is allocated (the available side: `qtrain.sysmem`).
 
 Pure arithmetic from the config: no tensor is created. A run's peak is the largest of its
-phases (training step, validation, PTQ calibration), each a sum of named parts:
+phases (loading a checkpoint, a training step, validation, PTQ calibration), each a sum of
+named parts:
 
 - weights 4 B/parameter, gradients 4 B, AdamW state 8 B (two fp32 moments);
 - activations kept for the backward pass, per layer per token (fp32, measured on this
@@ -11,23 +12,27 @@ phases (training step, validation, PTQ calibration), each a sum of named parts:
   final norm ``3C + 1`` and the log-softmax of the logits ``vocab``. With
   ``train.activation_checkpointing=true`` a layer keeps only its input ``C`` and one layer's
   activations are recomputed at a time;
-- transients at the peak: the logits and their gradients in fp32 (``2 x vocab`` per token),
-  or one block's backward (``4F + 4C``);
+- the backward pass's peak: at the logits (their gradients in fp32, ``2 x vocab`` per token)
+  or inside a block (its gradients, ``4F + 4C``, and with checkpointing its recomputation);
 - QAT: each fake-quantized weight is kept quantized-dequantized (4 B) with its clamp mask
-  (1 B); distillation adds the frozen teacher;
+  (1 B); distillation adds the frozen teacher and the KL terms;
+- validation: the largest set of tensors alive in a no-grad forward of one validation batch
+  (32 windows, fewer beyond 1024 tokens: :func:`eval_batch_size`), beside the AdamW state;
 - PTQ/GPTQ: the calibration batches' block inputs (twice: one block's inputs and outputs),
   the Hessians of one block (``3 C^2 + F^2`` fp32) and GPTQ's factorizations of the widest
-  (``4 K^2``); a checkpoint's tensors stay in memory beside the model built from them.
+  (``4 K^2``); loading: a checkpoint's tensors beside the model built from them.
 
 Tensors smaller than glibc's largest mmap threshold (32 MiB) come from the heap, which keeps
 freed memory for reuse: their peak resident size was measured at about 1.6x their size, and
 the estimate counts them so. The process's resident size when the estimate is made (Python,
-torch, qtrain) is the baseline. On CUDA the activations are counted at 2 bytes (bf16
-autocast) and compared with the device's free memory.
+torch, qtrain) is the baseline, plus the corpus. On CUDA the activations are counted at
+2 bytes (bf16 autocast) and compared with the device's free memory. Measured against peak
+RSS on CPU (tests/unit/test_memory.py and the notes of issue 16): within about 20%, mostly
+above.
 
 Example:
-    >>> est = estimate(cfg, cfg.model)
-    >>> est.total > available_memory().bytes   # refuse before allocating
+    >>> est = estimate(cfg, cfg.model, Setting(baseline=sysmem.current_rss()))
+    >>> fits = est.total <= sysmem.available_memory().bytes   # else refuse before allocating
 """
 
 from __future__ import annotations
@@ -38,10 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from qtrain.config import TRAINING_MODES, ModelConfig, RunConfig
-from qtrain.console import info, warn
 from qtrain.corpus import COPIES
-from qtrain.errors import ResourceError
-from qtrain.sysmem import Available
 
 GB = 1e9
 HEAP_MMAP_MAX = 32 * 2**20
@@ -161,39 +163,37 @@ def _activations(cfg: RunConfig, m: ModelConfig, act_bytes: int) -> list[tuple[s
     ]
 
 
-def _loaded_bytes(cfg: RunConfig, m: ModelConfig, loaded: str | None) -> list[tuple[str, int]]:
-    """A checkpoint's tensors, kept beside the model built from them (``loaded``: its scheme)."""
-    if loaded is None:
-        return []
+def loading_phase(m: ModelConfig, loaded: str) -> list[tuple[str, int]]:
+    """A checkpoint's tensors while the model is built from them (``loaded``: its scheme); freed after."""
     bits = {"none": 32, "int8": 8}.get(loaded, 4)
     lin = block_linear_params(m)
-    return [("checkpoint tensors", lin * bits // 8 + 4 * (n_params(m) - lin))]
+    return [("weights", 4 * n_params(m)), ("checkpoint tensors", lin * bits // 8 + 4 * (n_params(m) - lin))]
 
 
 def _optimizer_parts(cfg: RunConfig, m: ModelConfig) -> list[tuple[str, int]]:
     p = n_params(m)
     parts = [("weights", 4 * p), ("gradients", 4 * p), ("AdamW state", 8 * p)]
-    quantized = cfg.mode.name in ("qat", "finetune")
-    if quantized:
+    if cfg.mode.name in ("qat", "finetune"):
         lin = block_linear_params(m)
         parts.append(("fake-quant weights and masks", 5 * lin))
     if cfg.mode.name == "qat" and cfg.qat.distill and cfg.init_from:
         parts.append(("distillation teacher", 4 * p))
-    if _world(cfg) > 1:
+    if _world() > 1:
         parts.append(("DDP gradient buckets", 4 * p))
     return parts
 
 
-def _world(cfg: RunConfig) -> int:
+def _world() -> int:
+    """Processes of a torchrun/SLURM launch (each holds its own DDP gradient buckets)."""
     return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
 
 
-def training_phase(cfg: RunConfig, m: ModelConfig, loaded: str | None, act_bytes: int = 4) -> list[tuple[str, int]]:
+def training_phase(cfg: RunConfig, m: ModelConfig, act_bytes: int = 4) -> list[tuple[str, int]]:
     """One optimizer step at its peak (start of the backward pass, steady state)."""
-    return _optimizer_parts(cfg, m) + _loaded_bytes(cfg, m, loaded) + _activations(cfg, m, act_bytes)
+    return _optimizer_parts(cfg, m) + _activations(cfg, m, act_bytes)
 
 
-def validation_phase(cfg: RunConfig, m: ModelConfig, loaded: str | None, training: bool) -> list[tuple[str, int]]:
+def validation_phase(cfg: RunConfig, m: ModelConfig, training: bool) -> list[tuple[str, int]]:
     """A no-grad validation batch; during training the AdamW state stays (gradients are freed)."""
     p = n_params(m)
     parts = [("weights", 4 * p)]
@@ -204,13 +204,13 @@ def validation_phase(cfg: RunConfig, m: ModelConfig, loaded: str | None, trainin
         windows = min(windows, cfg.data.val_windows)
     tokens = windows * m.block_size
     parts.append((f"validation batch ({tokens} tokens)", _tensors(eval_widths(m), tokens, 4)))
-    return parts + _loaded_bytes(cfg, m, loaded)
+    return parts
 
 
-def calibration_phase(cfg: RunConfig, m: ModelConfig, method: str, loaded: str | None) -> list[tuple[str, int]]:
+def calibration_phase(cfg: RunConfig, m: ModelConfig, method: str) -> list[tuple[str, int]]:
     """PTQ (or QAT's PTQ start): GPTQ calibration data and Hessians, or MSE/RTN per-layer work."""
     c, f = m.n_embd, m.mlp_hidden
-    parts = [("weights", 4 * n_params(m))] + _loaded_bytes(cfg, m, loaded)
+    parts = [("weights", 4 * n_params(m))]
     widest = max(4 * c * c, 3 * c * f)  # largest projection (qkv or gate_up rows x columns)
     if method != "gptq":
         return parts + [(f"{method} per-layer work", 6 * 4 * widest)]
@@ -225,16 +225,18 @@ def calibration_phase(cfg: RunConfig, m: ModelConfig, method: str, loaded: str |
 def _phases(cfg: RunConfig, m: ModelConfig, loaded: str | None, act_bytes: int) -> dict[str, list[tuple[str, int]]]:
     mode = cfg.mode.name
     phases: dict[str, list[tuple[str, int]]] = {}
+    if loaded is not None:
+        phases["loading"] = loading_phase(m, loaded)
     if mode in TRAINING_MODES:
-        phases["training"] = training_phase(cfg, m, loaded, act_bytes)
-        phases["validation"] = validation_phase(cfg, m, loaded, training=True)
+        phases["training"] = training_phase(cfg, m, act_bytes)
+        phases["validation"] = validation_phase(cfg, m, training=True)
     if mode == "ptq":
-        phases["validation"] = validation_phase(cfg, m, loaded, training=False)
-        phases[f"PTQ ({cfg.ptq.method})"] = calibration_phase(cfg, m, cfg.ptq.method, loaded)
+        phases["validation"] = validation_phase(cfg, m, training=False)
+        phases[f"PTQ ({cfg.ptq.method})"] = calibration_phase(cfg, m, cfg.ptq.method)
     if mode == "qat" and cfg.init_from:
         init = cfg.qat.init if cfg.qat.init != "auto" else "gptq"
         if init != "rtn":
-            phases[f"QAT start ({init})"] = calibration_phase(cfg, m, init, loaded)
+            phases[f"QAT start ({init})"] = calibration_phase(cfg, m, init)
     return phases
 
 
@@ -336,70 +338,3 @@ def remedies(cfg: RunConfig, model: ModelConfig, limit: int, setting: Setting = 
                 out.append(f"ptq.calib_batches={n} (about {gb(need)})")
                 break
     return out
-
-
-# ---------------------------------------------------------------- the check
-
-
-WARN_FRACTION = 0.85
-"""An estimate above this fraction of the available memory is run, with a warning."""
-
-
-def check(
-    cfg: RunConfig,
-    model: ModelConfig,
-    available: Available,
-    setting: Setting = Setting(),
-) -> dict[str, int]:
-    """Print the estimate against the available memory; refuse a run that cannot fit.
-
-    Args:
-        cfg: the run's config.
-        model: the model's shape (the checkpoint's for ``init_from``).
-        available: what the process may use (:func:`qtrain.sysmem.available_memory`).
-        setting: checkpoint scheme, resident bytes now, corpus size, activation bytes.
-
-    Returns:
-        ``memory_estimate_bytes`` and ``memory_available_bytes`` for report.json.
-
-    Raises:
-        ResourceError: the estimate exceeds the available memory (exit 5), with overrides that fit.
-    """
-    procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    est = estimate(cfg, model, setting)
-    need = est.total * procs
-    each = f" per process, x{procs} processes on this node" if procs > 1 else ""
-    line = (
-        f"about {gb(est.total)} at peak{each} ({est.describe()}); {gb(available.bytes)} available ({available.source})"
-    )
-    if need > available.bytes:
-        raise ResourceError(_refusal(cfg, model, est, line, available.bytes // procs, setting))
-    info(f"memory: {line}")
-    if need > WARN_FRACTION * available.bytes:
-        warn(f"memory: the estimate is {need / available.bytes:.0%} of the available memory; {_knobs(cfg, model)}")
-    return {"memory_estimate_bytes": est.total, "memory_available_bytes": available.bytes}
-
-
-def _knobs(cfg: RunConfig, model: ModelConfig) -> str:
-    t = cfg.train
-    return (
-        f"train.batch_size={t.batch_size} (with train.grad_accum={t.grad_accum}), model.block_size={model.block_size}"
-        f" and train.activation_checkpointing={str(t.activation_checkpointing).lower()} set the activations"
-    )
-
-
-def _refusal(cfg: RunConfig, model: ModelConfig, est: Estimate, line: str, limit: int, setting: Setting) -> str:
-    fixes = remedies(cfg, model, limit, setting)
-    head = (
-        f"not enough memory for this mode={cfg.mode.name} run (model={model.name}, train.batch_size="
-        f"{cfg.train.batch_size}, model.block_size={model.block_size}): {line}. The kernel would kill it "
-        f"part way, so nothing was allocated."
-    )
-    if fixes:
-        return f"{head} Overrides that fit: " + "; or ".join(fixes)
-    floor = sum(n for name, n in est.parts if not name.startswith(("activations", "logits", "batch", "valid")))
-    return (
-        f"{head} Nothing qtrain can change fits: weights, optimizer state and runtime alone need about "
-        f"{gb(floor)}. Use a smaller model (model=small|medium), fewer processes per node, or a machine "
-        f"with more memory. {_knobs(cfg, model)}."
-    )

@@ -327,8 +327,8 @@ def run_qat(ctx: RunContext) -> dict[str, Any]:
         _require_full_precision(ckpt, "qat")
         announce(ctx, ckpt)
     else:
+        model = fresh_model(ctx)  # memory checked first: a run that cannot fit prints only the refusal
         announce(ctx)
-        model = fresh_model(ctx)
     corpus = corpus_for(ctx, model.cfg.block_size)
     if cfg.init_from:
         ref_loss = eval_fn_for(ctx, corpus, model.cfg.block_size)(model)

@@ -53,6 +53,10 @@ PATH_KEYS = frozenset({"init_from", "data.path"})
 """Compared as paths: the same file written another way is no change."""
 CORPUS_HASHES = ("train_sha256", "val_sha256")
 """The corpus fingerprint fields that say whether the data is the same."""
+_CORPUS_NOTE = (
+    ". The corpus text differs from the text the checkpoint was trained on (corpus.*: SHA-256 of its "
+    "training and validation splits): restore it, or train on the new text in a new run dir"
+)
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,7 @@ def refusal(path: Path, refused: list[Change]) -> str:
         f"A resumed run keeps the checkpoint's model, data, optimizer state and schedule, so these cannot "
         f"change mid-run: re-run with the checkpoint's values, or start a new run dir (hydra.run.dir=...) "
         f"(init_from={path} to start from its weights). A resume may change only: {safe}, generate.*"
-    )
+    ) + (_CORPUS_NOTE if any(c.key.startswith("corpus.") for c in refused) else "")
 
 
 def applied_note(path: Path, applied: list[Change]) -> str:
@@ -178,8 +182,9 @@ def applied_note(path: Path, applied: list[Change]) -> str:
 def check_run_dir(cfg: RunConfig, run_dir: Path) -> list[str]:
     """Before Hydra writes ``.hydra/``: the refusal, if `run_dir`'s checkpoints forbid `cfg`'s settings.
 
-    Reads only the newest readable (sealed, validated) manifest; the run compares again
-    when it resumes, with the corpus fingerprint. Nothing is written.
+    Reads only the newest readable (sealed, validated) manifest and this run's corpus (its
+    fingerprint, as the run computes it); the run compares again when it resumes. Nothing
+    is written, so a refused command leaves the run dir, ``.hydra`` included, as it was.
 
     Returns:
         One message when the resume would be refused, else nothing.
@@ -200,22 +205,21 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> list[str]:
         saved = manifest.get("config")
         if not isinstance(saved, Mapping):
             return []
-        now = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-        assert isinstance(now, dict)
-        refused = compare(saved, now).refused
-        if any(c.key == "data.path" for c in refused):
-            refused = _recheck_data_path(saved, now, manifest.get("corpus"))
+        refused = compare(saved, config_dict(cfg), manifest.get("corpus"), _fingerprint(cfg)).refused
         return [refusal(d, refused)] if refused else []
     return []
 
 
-def _recheck_data_path(saved: Mapping[str, Any], now: dict[str, Any], corpus: Any) -> list[Change]:
-    """Compare again with this run's corpus fingerprint: another path to the same text is fine."""
+def config_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain data, as a checkpoint's manifest records it."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def _fingerprint(cfg: RunConfig) -> dict[str, Any] | None:
+    """This run's corpus fingerprint (None when it cannot be read: the run says why)."""
     from qtrain.corpus import corpus_fingerprint
 
-    data = now.get("data") or {}
     try:
-        fp = corpus_fingerprint(str(data.get("name")), data.get("path"), float(data.get("val_fraction", 0.1)))
-    except (OSError, ValueError):  # unreadable data is refused by the run, with its own message
-        return compare(saved, now).refused
-    return compare(saved, now, corpus, fp).refused
+        return corpus_fingerprint(cfg.data.name, cfg.data.path, cfg.data.val_fraction)
+    except (OSError, ValueError):
+        return None

@@ -144,12 +144,15 @@ def make_dirs(path: Path, key: str = "", own: bool = True) -> Path:
 
 
 def _open_error(path: Path, err: OSError) -> ConfigError:
+    """The user error a failed open means (a link, a wrong kind, no permission); others re-raised (ENOSPC)."""
     if err.errno == errno.ELOOP:
         return _planted(path)
     if err.errno in (errno.EISDIR, errno.ENXIO, errno.ENOTDIR):
         st = lstat_or_none(path)
         what = kind(st.st_mode) if st is not None else "not a regular file"
         return ConfigError(f"{path} is {what}, not a regular file; qtrain writes this file (move it away)")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ConfigError(f"{path}: cannot write it ({err.strerror})")
     raise err
 
 

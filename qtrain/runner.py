@@ -46,6 +46,8 @@ class RunContext:
     """`memory_estimate_bytes` and `memory_available_bytes` (`check_memory`); None when not estimated."""
     memory_model: ModelConfig | None = None
     """The model shape the memory was estimated for (the checkpoint's with `init_from`)."""
+    memory_line: str | None = None
+    """``memory: about N GB at peak (...); M GB available (...)``, printed under the banner."""
 
     @property
     def ckpt_root(self) -> Path:
@@ -62,9 +64,11 @@ def config_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def check_memory(ctx: RunContext, model: ModelConfig, loaded: str | None = None, ckpt: Path | None = None) -> None:
-    """`guards.memory_check` for this run: prints the estimate, records it in `ctx.memory`, or exits 5."""
+    """`guards.memory_check` for this run: records the estimate in `ctx` (`announce` prints it), or exits 5."""
     ctx.memory_model = model
-    ctx.memory = guards.memory_check(ctx.cfg, ctx.device, model, loaded, ckpt)
+    checked = guards.memory_check(ctx.cfg, ctx.device, model, loaded, ckpt)
+    if checked is not None:
+        ctx.memory, ctx.memory_line = checked
 
 
 def fresh_model(ctx: RunContext) -> GPT:
@@ -355,6 +359,8 @@ def announce(ctx: RunContext, ckpt: ck.Checkpoint | None = None) -> None:
             "run dir": str(ctx.run_dir),
         }
     )
+    if ctx.memory_line:  # the estimate (`check_memory`), right under the banner
+        info(ctx.memory_line)
 
 
 # ---------------------------------------------------------------- modes
@@ -372,8 +378,8 @@ def run_train(ctx: RunContext) -> dict[str, Any]:
             )
         announce(ctx, ckpt)
     else:
+        model = fresh_model(ctx)  # memory checked first: a run that cannot fit prints only the refusal
         announce(ctx)
-        model = fresh_model(ctx)
     corpus = corpus_for(ctx, model.cfg.block_size)
     block = model.cfg.block_size
     sampler = BatchSampler(corpus.train, block, cfg.train.batch_size, cfg.seed, rank(), world_size())
@@ -407,7 +413,7 @@ def run_eval(ctx: RunContext) -> dict[str, Any]:
     load_before = runtime.load_average()
     report.update(benchmark(model, ctx.cfg.eval))
     if "bench_s" in report:  # speeds were measured: say whether they can be trusted, and which kernels ran
-        report.update(runtime.speed_conditions(load_before), threads=torch.get_num_threads())
+        report.update(runtime.speed_conditions(load_before))  # `threads` itself: every report (modes.run)
         report.update({"kernels": autotune.decisions()} if autotune.decisions() else {})
     if ctx.cfg.compare_to:
         from qtrain.evaluate import compare

@@ -157,6 +157,10 @@ def _metric_lines(path: Path, job: Job) -> Iterator[bytes]:
     with f:
         try:
             while line := f.readline(LINE_LIMIT):
+                if len(line) == LINE_LIMIT and not line.endswith(b"\n"):  # garbage: skip to its end
+                    while (rest := f.readline(LINE_LIMIT)) and not rest.endswith(b"\n"):
+                        pass
+                    line = b""
                 yield line
         except OSError as err:
             job.problems.append(f"{path.name}: cannot read ({err.strerror})")

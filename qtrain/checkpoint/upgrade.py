@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 from qtrain import rundir
-from qtrain.checkpoint.format import FORMAT_VERSION, SYSTEM_KEYS, Payload
+from qtrain.checkpoint.format import FORMAT_VERSION, SYSTEM_KEYS, TMP_PREFIX, Payload
 from qtrain.checkpoint.load import load_checkpoint
-from qtrain.checkpoint.write import _tensor_bytes, _write_files, write_dir_atomically
+from qtrain.checkpoint.save import _pid_alive
+from qtrain.checkpoint.write import _pid_of_temp, _tensor_bytes, _write_files, write_dir_atomically
+from qtrain.console import warn
 from qtrain.errors import ConfigError
 
 # ---------------------------------------------------------------- upgrading
@@ -27,6 +31,34 @@ def check_upgrade_target(src: Path, out: Path) -> None:
         raise ConfigError(f"out: {out} is inside the source checkpoint {src}; choose a directory outside it")
 
 
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove ``.tmp-<out name>-<pid>``, what an upgrade into `out` that was killed left, when `pid` is gone.
+
+    A signal removes the temporary as the run ends; SIGKILL, a power cut or a second signal
+    during that removal leave it for this clean-up (as checkpoint saves clean up theirs). A
+    temporary of a live process (a concurrent upgrade) and anything that is not a plain
+    directory (a planted link) are left alone.
+
+    Returns:
+        The removed directories (each said with a warning).
+    """
+    prefix = f"{TMP_PREFIX}{out.name}-"
+    try:
+        entries = [e for e in out.parent.iterdir() if e.name.startswith(prefix)] if out.parent.is_dir() else []
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        pid = _pid_of_temp(entry.name)
+        if not entry.name[len(prefix) :].isdigit() or pid is None or pid == os.getpid() or _pid_alive(pid):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+            warn(f"upgrade: removed {entry}, left by an interrupted upgrade (process {pid} is gone)")
+            removed.append(entry)
+    return removed
+
+
 def upgrade_checkpoint(src: str | Path, out: str | Path) -> Path:
     """Write a migrated copy of checkpoint `src` at FORMAT_VERSION into the new directory `out`.
 
@@ -44,6 +76,7 @@ def upgrade_checkpoint(src: str | Path, out: str | Path) -> Path:
     """
     src_p, out_p = Path(src), Path(out).expanduser()
     check_upgrade_target(src_p, out_p)
+    remove_stale_temps(out_p)
     ckpt = load_checkpoint(src_p, with_trainer=True)
     m = ckpt.manifest
     extras = {k: v for k, v in m.items() if k not in SYSTEM_KEYS and k != "upgraded_from"}

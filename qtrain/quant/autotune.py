@@ -17,7 +17,8 @@ Cache: one JSON file per (CPU model and flags, torch version, kernel build, thre
 ``<kernel cache>/kernels/choice-<hash>.json`` beside the built kernels (``QTRAIN_CACHE_DIR``,
 else ``~/.cache/qtrain``); later processes read it instead of measuring. The numbers in the
 file decide (an edited file is honoured); a file that does not parse or does not match its
-key is measured again and rewritten.
+key is measured again and rewritten. The file is data: it is read only if it is a regular file
+of this user's that no one else may write, and every field is checked (:func:`_valid`).
 
 Overrides: ``quant.kernel=native`` or ``quant.kernel=torch`` for a run, or
 ``QTRAIN_CPU_KERNEL=native|torch`` for every ``auto`` layer of a process. The decision is
@@ -30,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -189,32 +191,68 @@ def decide(entry: dict[str, Any]) -> tuple[str, str]:
     return fast, f"{ratio:.2f}x faster" + (f", measured on {on} thread{'s' if on != 1 else ''}" if on else "")
 
 
+ENTRY_KEYS = frozenset(
+    {"shapes", "native_us", "torch_us", "native_ok", "torch_ok", "rounds", "load_average", "cores", "measured_threads"}
+)
+"""What a measurement holds (:func:`measure`); a cached entry with anything else is measured again."""
+MAX_CACHE_BYTES = 64 * 1024
+"""A choice file is a few hundred bytes; a larger one is not read."""
+
+
+def _number(v: object, lo: float = 0.0) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= lo
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 20
+
+
 def _valid(entry: object) -> TypeGuard[dict[str, Any]]:
-    if not isinstance(entry, dict):
+    """Whether a cached entry is a measurement of :data:`SHAPES` as :func:`measure` writes it.
+
+    The file is data: every field is checked (types, finite non-negative timings, one per
+    shape, the shapes themselves), so an edited file can change the decision but never what
+    is printed or recorded beyond those fields, nor crash a run.
+    """
+    if not isinstance(entry, dict) or set(entry) != ENTRY_KEYS:
         return False
-    lists = [entry.get(f"{c}_us") for c in CANDIDATES]
-    return all(isinstance(v, list) and v and all(isinstance(t, (int, float)) for t in v) for v in lists) and all(
-        isinstance(entry.get(f"{c}_ok"), bool) for c in CANDIDATES
+    shapes = [f"{k}x{n}" for k, n in SHAPES]
+    times = [entry[f"{c}_us"] for c in CANDIDATES]
+    return (
+        entry["shapes"] == shapes
+        and all(isinstance(t, list) and len(t) == len(shapes) and all(_number(v) for v in t) for t in times)
+        and all(isinstance(entry[f"{c}_ok"], bool) for c in CANDIDATES)
+        and all(_count(entry[k]) for k in ("rounds", "cores", "measured_threads"))
+        and _number(entry["load_average"])
     )
 
 
 def _read(path: Path, key: dict[str, Any]) -> dict[str, Any]:
+    """The cached measurements for `key` ({} when missing, unreadable, untrusted or for another key)."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = json.loads(native.read_private(path, MAX_CACHE_BYTES))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, native.Untrusted) as err:  # ValueError: not JSON, not UTF-8
+        log.info("kernel choice cache %s not used (%s); measuring again", path, err)
         return {}
     return data if isinstance(data, dict) and data.get("key") == key else {}
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
+    tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        native.kernel_dir()  # created owner-only, and ours
         fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(data, indent=2) + "\n")
         os.replace(tmp, path)
-    except OSError as err:  # a read-only cache: measure again next time
+        tmp = None
+    except (OSError, native.Untrusted) as err:  # a read-only or untrusted cache: measure again next time
         log.info("kernel choice not cached (%s)", err)
+    finally:  # also on a signal: no temporary left in the cache
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _forced() -> str | None:

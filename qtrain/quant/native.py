@@ -4,8 +4,19 @@ The C source ships with the package. On first use it is compiled with the system
 (``$CC``, else ``cc``/``gcc``/``clang``; ``-O3 -mavx2 -mfma -fopenmp``) into a per-user cache
 (``$QTRAIN_CACHE_DIR``, else ``$XDG_CACHE_HOME/qtrain``, else ``~/.cache/qtrain``) under a name
 that hashes the source, flags and compiler, and loaded with :mod:`ctypes`; later processes
-just load it. The build takes about a second and is atomic (temporary file + rename), so
-concurrent first uses (sweeps) are safe.
+just load it. The build takes about a second and is atomic (temporary file + rename, under a
+lock file), so concurrent first uses (sweeps) are safe.
+
+A built library is code this process runs, so it is trusted only if it is what qtrain built
+(RELIABILITY.md case 40): ``kernels/`` is created owner-only (0o700, tightened if an older
+qtrain left it open) and must belong to this user, in a directory others cannot rename
+entries of; the SHA-256 of each library is recorded beside it when it is built
+(``qgemv-<key>.so.sha256``) and compared with the bytes before they are loaded (opened once,
+without following links, hashed and loaded through the same descriptor). A library that does
+not match its record, has none, or is not a file only this user may write is rebuilt, with a
+warning; a cache directory that is not this user's is not used at all (warning, PyTorch's
+kernels). This detects tampering by other users and damage; the user's own account can
+always replace both the library and its record.
 
 Nothing is required: without an x86-64 CPU with AVX2 and FMA, without a compiler, or with
 ``QTRAIN_NATIVE_KERNELS=0``, :func:`library` returns ``None`` (the reason is logged once at
@@ -27,12 +38,16 @@ Whether these kernels or PyTorch's run at ``quant.kernel=auto`` is decided per m
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -50,7 +65,15 @@ ENV_SWITCH = "QTRAIN_NATIVE_KERNELS"
 ROW_BLOCK = 32
 """Columns per activation block; int4 groups and int8 rows must be multiples of it."""
 
+RECORD = ".sha256"
+"""Suffix of the file beside each built library that records its SHA-256 (``sha256sum`` format)."""
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
 _STATE: dict[str, object] = {}
+
+
+class Untrusted(RuntimeError):
+    """The kernel cache, or a file in it, is not one only this user could have written."""
 
 
 def cache_dir() -> Path:
@@ -81,26 +104,161 @@ def _unavailable_reason() -> str | None:
     return None
 
 
+def kernel_dir() -> Path:
+    """The cache's ``kernels/`` directory: created owner-only (0o700), and trusted only when it is ours.
+
+    Raises:
+        Untrusted: it is a link or not a directory, belongs to another user, or lies in a
+            directory other users may rename entries of (writable by them, not sticky).
+    """
+    root = cache_dir()
+    path = root / "kernels"
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)  # the modes apply to what is created here
+    with contextlib.suppress(FileExistsError):  # e.g. a dangling link: refused below
+        path.mkdir(exist_ok=True, mode=0o700)
+    parent = os.stat(root)
+    if parent.st_uid not in (os.geteuid(), 0) or (parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX):
+        raise Untrusted(
+            f"{root} is {_what(parent)}: other users may replace what is in it; "
+            f"set QTRAIN_CACHE_DIR to a directory of your own"
+        )
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise Untrusted(f"{path} is {_what(st)}, not a directory of yours")
+    if st.st_mode & 0o077:  # made by an older qtrain, or loosened: tighten, files are checked one by one
+        os.chmod(path, 0o700)
+        if st.st_mode & 0o022:
+            log.warning("native kernels: %s was writable by other users; now owner-only (0o700)", path)
+    return path
+
+
+def _what(st: os.stat_result) -> str:
+    kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else stat.filemode(st.st_mode)
+    return kind if st.st_uid == os.geteuid() else f"{kind} owned by uid {st.st_uid}"
+
+
+def _open_own(path: Path, limit: int | None = None) -> tuple[int, bytes]:
+    """Open a regular file of ours that no one else may write (no link followed); its fd and bytes.
+
+    Raises:
+        Untrusted: anything else (the message says what it is).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise Untrusted(f"{path} is {_what(st)}, not a file only you may write")
+        if limit is not None and st.st_size > limit:
+            raise Untrusted(f"{path} is {st.st_size} bytes, more than the {limit} expected")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return fd, f.read()
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_private(path: Path, limit: int) -> bytes:
+    """The bytes of a small cache file (the kernel choice), read only if it is ours and only we may write it.
+
+    Raises:
+        OSError: it cannot be opened (missing, a link).
+        Untrusted: not a regular file of ours, writable by others, or over `limit` bytes.
+    """
+    fd, raw = _open_own(path, limit)
+    os.close(fd)
+    return raw
+
+
+def recorded_hash(lib: Path) -> str | None:
+    """The SHA-256 recorded when `lib` was built (``<lib>.sha256``, ``sha256sum`` format), or None."""
+    try:
+        fd, raw = _open_own(lib.with_name(lib.name + RECORD), limit=4096)
+    except (OSError, Untrusted):
+        return None
+    os.close(fd)
+    digest = raw.decode("ascii", errors="replace").split(" ", 1)[0].strip()
+    return digest if _SHA_RE.fullmatch(digest) else None
+
+
 def _build(cc: str) -> Path:
-    """Compile the source into the cache (if not there yet) and return the library path."""
+    """The built library in the cache: reused when its hash matches the record, else (re)built."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"qgemv-{key}.so"
+    kdir = kernel_dir()
+    out = kdir / f"qgemv-{key}.so"
     _STATE["build"] = out.stem
-    if out.is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+    lock = os.open(kdir / ".build.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time: the library and its record agree
+        why = _stale(out)
+        if why is None:
+            return out
+        if why != "not built yet":
+            log.warning("native kernels: %s %s; rebuilding it", out, why)
+        _compile(cc, out)
+    finally:
+        os.close(lock)
+    return out
+
+
+def _stale(out: Path) -> str | None:
+    """Why the cached `out` cannot be loaded as it is (None: its hash matches the record)."""
+    if not os.path.lexists(out):
+        return "not built yet"
+    recorded = recorded_hash(out)
+    if recorded is None:
+        return "has no valid hash record"
+    try:
+        fd, data = _open_own(out)
+    except (OSError, Untrusted) as err:
+        return f"cannot be trusted ({err})"
+    os.close(fd)
+    actual = hashlib.sha256(data).hexdigest()
+    return None if actual == recorded else f"does not match its recorded hash ({actual[:16]} vs {recorded[:16]})"
+
+
+def _compile(cc: str, out: Path) -> None:
+    """Compile into a temporary file, record its hash, then rename it into place."""
+    temps = [_temp(out.parent, ".so"), _temp(out.parent, RECORD)]
+    try:
+        proc = subprocess.run(
+            [cc, *FLAGS, "-o", temps[0], str(SOURCE), "-lm"], capture_output=True, text=True, timeout=300
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:500]}")
-        os.replace(tmp, out)
+        os.chmod(temps[0], 0o700)  # the linker's mode follows the umask (group-writable under 002)
+        digest = hashlib.sha256(Path(temps[0]).read_bytes()).hexdigest()
+        Path(temps[1]).write_text(f"{digest}  {out.name}\n")
+        os.replace(temps[1], out.with_name(out.name + RECORD))
+        os.replace(temps[0], out)
+    finally:  # also on a signal: no temporary left in the cache
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _temp(directory: Path, suffix: str) -> str:
+    fd, path = tempfile.mkstemp(suffix=suffix, dir=directory)  # owner-only, never an existing file
+    os.close(fd)
+    return path
+
+
+def _load(cc: str) -> ctypes.CDLL:
+    """Load the cached library, checking its hash against the record first (on the bytes loaded).
+
+    The file is opened once: hashed through that descriptor and loaded from it
+    (``/proc/self/fd/N``), so what runs is exactly what was checked.
+    """
+    out = _build(cc)
+    fd, data = _open_own(out)
+    try:
+        actual, recorded = hashlib.sha256(data).hexdigest(), recorded_hash(out)
+        if actual != recorded:
+            raise Untrusted(f"{out} changed after it was checked ({actual[:16]} vs {str(recorded)[:16]})")
+        proc_path = f"/proc/self/fd/{fd}"
+        return ctypes.CDLL(proc_path if os.path.exists(proc_path) else str(out))
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+        os.close(fd)
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -126,10 +284,13 @@ def library() -> ctypes.CDLL | None:
         why = "no C compiler (set CC, or install gcc)"
     if why is None and cc is not None:
         try:
-            lib = _declare(ctypes.CDLL(str(_build(cc))))
+            lib = _declare(_load(cc))
             if lib.qt_abi_version() != ABI:
                 why, lib = f"kernel ABI {lib.qt_abi_version()} != {ABI}", None
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        except Untrusted as err:
+            why, lib = f"kernel cache not trusted: {err}", None
+            log.warning("native CPU kernels not used: %s; using PyTorch's kernels", why)
+        except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:  # AttributeError: no symbol
             why, lib = f"build/load failed: {str(err).splitlines()[0][:300]}", None
     if why is not None:
         log.info("native CPU kernels unavailable (%s); using PyTorch's kernels", why)

@@ -12,6 +12,10 @@ Hooks, chosen by environment variables (nothing here is imported by qtrain itsel
   the test can send a second signal while the loop is still busy.
 - QTRAIN_TEST_PAUSE_IN_EVAL=path: when `mode=eval` starts computing the validation loss, create
   the file and sleep (120 s deadline): a signal arrives outside training.
+- QTRAIN_TEST_PAUSE_IN=module:function, QTRAIN_TEST_PAUSE_READY=path: after the first call of
+  that function returns (a step of a mode's long loop: a sampled token, a GPTQ layer, a file
+  hashed or written, a run read), create the ready file and sleep (120 s deadline): a signal
+  arrives in the middle of the mode's work.
 - QTRAIN_TEST_THREADS=n: torch threads, so the child computes exactly like the parent.
 - QTRAIN_TEST_EVENTS=path: append one JSON line per barrier entry/exit and per checkpoint
   write (rank, pid, step, monotonic time), so a DDP test can check who published when.
@@ -61,6 +65,26 @@ def _install_eval_pause(ready: Path) -> None:
         raise AssertionError("no signal came")
 
     runner.val_loss = val_loss  # type: ignore[assignment]
+
+
+def _install_pause_in(target: str, ready: Path) -> None:
+    import importlib
+
+    module_name, _, name = target.partition(":")
+    module = importlib.import_module(module_name)
+    original = getattr(module, name)
+
+    def paused(*args: object, **kwargs: object) -> object:
+        result = original(*args, **kwargs)
+        if not ready.exists():
+            ready.write_text(str(os.getpid()))
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                time.sleep(0.01)  # the signal ends the run from inside this sleep
+            raise AssertionError("no signal came")
+        return result
+
+    setattr(module, name, paused)
 
 
 def _install_kill(step: int, hashes_file: str | None) -> None:
@@ -150,6 +174,8 @@ def main() -> None:
         _install_pause(int(os.environ["QTRAIN_TEST_PAUSE_AT_STEP"]), Path(os.environ["QTRAIN_TEST_READY_FILE"]), hold)
     if os.environ.get("QTRAIN_TEST_PAUSE_IN_EVAL"):
         _install_eval_pause(Path(os.environ["QTRAIN_TEST_PAUSE_IN_EVAL"]))
+    if os.environ.get("QTRAIN_TEST_PAUSE_IN"):
+        _install_pause_in(os.environ["QTRAIN_TEST_PAUSE_IN"], Path(os.environ["QTRAIN_TEST_PAUSE_READY"]))
     if os.environ.get("QTRAIN_TEST_KILL_BEFORE_MANIFEST"):
         _install_kill(int(os.environ["QTRAIN_TEST_KILL_BEFORE_MANIFEST"]), os.environ.get("QTRAIN_TEST_HASHES_FILE"))
     if os.environ.get("QTRAIN_TEST_EVENTS"):

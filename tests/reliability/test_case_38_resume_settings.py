@@ -52,11 +52,30 @@ def test_case_38_compare_refuses_settings_a_resume_cannot_change(key: str, value
 
 def test_case_38_compare_applies_only_the_allow_list() -> None:
     diff = compare(SAVED, _now(train__max_steps=8, train__eval_every=2, threads=2, eval__decode_tokens=0))
-    assert sorted(c.key for c in diff.applied) == ["eval.decode_tokens", "threads", "train.eval_every", "train.max_steps"]
+    assert sorted(c.key for c in diff.applied) == [
+        "eval.decode_tokens",
+        "threads",
+        "train.eval_every",
+        "train.max_steps",
+    ]
     assert diff.refused == []
-    for key in ("train.lr", "train.weight_decay", "train.warmup_steps", "train.batch_size", "train.grad_accum",
-                "train.grad_clip", "train.min_lr_ratio", "seed", "model.n_head", "quant.group_size", "qat.start_step",
-                "data.val_fraction", "hooks", "mode.name", "init_from"):
+    for key in (
+        "train.lr",
+        "train.weight_decay",
+        "train.warmup_steps",
+        "train.batch_size",
+        "train.grad_accum",
+        "train.grad_clip",
+        "train.min_lr_ratio",
+        "seed",
+        "model.n_head",
+        "quant.group_size",
+        "qat.start_step",
+        "data.val_fraction",
+        "hooks",
+        "mode.name",
+        "init_from",
+    ):
         assert not is_safe(key), key
 
 
@@ -132,20 +151,28 @@ def test_case_38_changed_corpus_refused(tmp_path: Path, capsys: pytest.CaptureFi
     data = text.read_bytes()[:20000] if text.is_file() else ("to be or not to be\n" * 1000).encode()
     corpus.write_bytes(data)
     run = tmp_path / "run"
-    base = {"data.name": "text", "data.path": str(corpus), "train.save_every": 2}
-    assert execute({**base, "train.max_steps": 2}, run) == 0
-    before = tree_hashes(run / "checkpoints")
+    data_args = ["data=text", f"data.path={corpus}", "train.save_every=2"]
+    assert qtrain(train_args(run, 2, *data_args)) == 0
+    before = tree_hashes(run)
     corpus.write_bytes(data[::-1])  # same path and size, other text
     capsys.readouterr()
-    assert execute({**base, "train.max_steps": 4}, run) == 2
+    assert qtrain(train_args(run, 4, *data_args)) == 2  # refused before Hydra writes .hydra/
     err = capsys.readouterr().err
-    assert "corpus.train_sha256" in err and "corpus.val_sha256" in err
-    assert tree_hashes(run / "checkpoints") == before
+    assert "corpus.train_sha256" in err and "corpus.val_sha256" in err and "corpus text differs" in err
+    assert tree_hashes(run) == before
+    # the run itself compares again (a sweep job's dir is only known inside the run)
+    assert execute({"data.name": "text", "data.path": str(corpus), "train.max_steps": 4}, run) == 2
+    assert "corpus.val_sha256" in capsys.readouterr().err
+    assert step_names(run / "checkpoints") == ["step_0000002"]
+    # the same text under another name is no change: applied and said
+    moved = tmp_path / "moved.txt"
+    moved.write_bytes(data)
+    assert qtrain(train_args(run, 4, "data=text", f"data.path={moved}", "train.save_every=2")) == 0
+    assert "data.path" in capsys.readouterr().out
+    assert step_names(run / "checkpoints") == ["step_0000002", "step_0000004"]
 
 
-def test_case_38_command_line_refused_before_hydra_writes(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_case_38_command_line_refused_before_hydra_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     assert qtrain(train_args(run, 2, "train.save_every=2")) == 0
     before = tree_hashes(run)

@@ -74,7 +74,7 @@ def test_case_41_verify_tables_and_errors_from_a_hostile_run_dir(
     for text in (captured.out, captured.err):
         _assert_safe(text)
     assert "[/x][bold red]" in captured.out and "\\x1b]0;pwned\\x07" in captured.out
-    assert "sha256" in captured.err.lower() and "\\u202eevil" in captured.err
+    assert "sha-256 mismatch" in captured.err.lower() and "\\u202eevil" in captured.err
 
 
 def test_case_41_generated_text_and_summary_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,6 +24,7 @@ from tests.conftest import compose_cfg
 from tests.reliability.conftest import (
     copy_run,
     execute,
+    losses,
     manifest,
     published_hashes,
     qtrain,
@@ -184,3 +185,16 @@ def test_case_43_estimate_printed_first_and_recorded(tmp_path: Path, capsys: pyt
     assert memory_line <= 2 and "available" in lines[memory_line], out  # right after the banner
     report = json.loads((run / "report.json").read_text())
     assert 0 < report["memory_estimate_bytes"] < report["memory_available_bytes"]
+
+
+def test_case_43_activation_checkpointing_trains_the_same(tmp_path: Path) -> None:
+    """The suggested remedy changes memory, not results: the same losses step by step."""
+    runs = {}
+    for flag in ("false", "true"):
+        run = tmp_path / flag
+        assert qtrain(train_args(run, 3, "train.log_every=1", f"train.activation_checkpointing={flag}")) == 0
+        runs[flag] = losses(run)
+    assert [s for s, _ in runs["true"]] == [s for s, _ in runs["false"]] == [1, 2, 3]
+    for (_, a), (_, b) in zip(runs["true"], runs["false"], strict=True):
+        # the same float32 ops recomputed; three AdamW steps amplify last-bit differences only slightly
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)

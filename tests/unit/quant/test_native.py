@@ -192,11 +192,12 @@ def test_build_goes_to_the_cache_atomically(monkeypatch: pytest.MonkeyPatch, tmp
     root = Path(str(tmp_path))
     monkeypatch.setenv("QTRAIN_CACHE_DIR", str(root))
     assert native.library() is not None
-    files = sorted(p.name for p in (root / "kernels").iterdir())
-    assert len(files) == 1 and files[0].startswith("qgemv-") and files[0].endswith(".so")
+    files = sorted(p.name for p in (root / "kernels").iterdir() if p.name != ".build.lock")
+    assert len(files) == 2 and files[0].startswith("qgemv-") and files[0].endswith(".so")  # no temporary left
+    assert files[1] == files[0] + ".sha256"  # its hash, recorded when it was built (case 40)
     native.reset()
     assert native.library() is not None  # loads the cached build
-    assert sorted(p.name for p in (root / "kernels").iterdir()) == files
+    assert sorted(p.name for p in (root / "kernels").iterdir() if p.name != ".build.lock") == files
 
 
 def test_torch_kernel_option_skips_native() -> None:
