@@ -149,12 +149,12 @@ def _activations(cfg: RunConfig, m: ModelConfig, act_bytes: int) -> list[tuple[s
     c, f, v = m.n_embd, m.mlp_hidden, m.vocab_size
     at_logits = head_saved(m) + [v, v] + ([v, v, v, v] if cfg.qat.distill and mode == "qat" else [])
     in_block = [2 * f, f, f, c, c, c, c] + (one if t.activation_checkpointing else [])
-    kept = [c] * m.n_layer if t.activation_checkpointing else one * m.n_layer
+    per_block = [c] if t.activation_checkpointing else one  # times n_layer (not a list of n_layer copies)
     label = (
         f"activations ({t.batch_size} x {m.block_size} tokens{', checkpointed' if t.activation_checkpointing else ''})"
     )
     return [
-        (label, _tensors(kept, tokens, act_bytes)),
+        (label, m.n_layer * _tensors(per_block, tokens, act_bytes)),
         (
             "backward peak (logits or one block)",
             max(_tensors(at_logits, tokens, 4), _tensors(in_block, tokens, act_bytes)),
