@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from qtrain import sysmem
+from qtrain.fsinfo import file_kind
 
 PYDOCS_SNAPSHOT = "corpora/pydocs.txt.gz"
 """The snapshot's path inside the `qtrain` package."""
@@ -75,15 +76,7 @@ def pydocs_bytes() -> bytes:
 
 def _kind(mode: int) -> str | None:
     """What a non-regular file is, for messages (None for a regular file or a directory)."""
-    for test, name in (
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return name
-    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "not a regular file"
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else file_kind(mode)
 
 
 def _stat(path: Path) -> os.stat_result:

@@ -296,9 +296,7 @@ class _Environment:
             else:
                 self._device = []
                 return []
-            self._device = [
-                f"device=cuda: {why}. Use device=cpu, or device=auto (CUDA when there is a GPU, else CPU)"
-            ]
+            self._device = [f"device=cuda: {why}. Use device=cpu, or device=auto (CUDA when there is a GPU, else CPU)"]
         return self._device
 
 

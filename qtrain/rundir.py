@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from qtrain.errors import ConfigError
+from qtrain.fsinfo import file_kind
 
 TMP_SUFFIX = ".tmp"
 """A whole-file write goes to ``<name>.tmp`` first (created exclusively), then replaces ``<name>``."""
@@ -33,22 +34,6 @@ READ_LIMIT = 64 << 20
 """Largest run file (report.json, status.json, overrides) qtrain reads whole."""
 NO_SURPRISES = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 """Never through a link; a FIFO does not block the open (fstat then refuses it); not inherited."""
-
-
-def kind(mode: int) -> str:
-    """What a file's ``st_mode`` says it is, as words (``a FIFO``)."""
-    for test, name in (
-        (stat.S_ISLNK, "a symbolic link"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISREG, "a regular file"),
-    ):
-        if test(mode):
-            return name
-    return "an unknown kind of file"
 
 
 def describe(path: Path) -> str:
@@ -59,7 +44,7 @@ def describe(path: Path) -> str:
         return "missing"
     if stat.S_ISLNK(st.st_mode) and not os.path.exists(path):
         return "a symbolic link to a missing file"
-    return kind(st.st_mode)
+    return file_kind(st.st_mode)
 
 
 def lstat_or_none(path: Path) -> os.stat_result | None:
@@ -90,7 +75,7 @@ def check_file(path: Path) -> None:
         return
     if stat.S_ISLNK(st.st_mode):
         raise _planted(path)
-    raise ConfigError(f"{path} is {kind(st.st_mode)}, not a regular file; qtrain writes this file (move it away)")
+    raise ConfigError(f"{path} is {file_kind(st.st_mode)}, not a regular file; qtrain writes this file (move it away)")
 
 
 def check_dir(path: Path) -> None:
@@ -104,7 +89,7 @@ def check_dir(path: Path) -> None:
         return
     if stat.S_ISLNK(st.st_mode):
         raise _planted(path)
-    raise ConfigError(f"{path} is {kind(st.st_mode)}, not a directory; qtrain writes into it (move it away)")
+    raise ConfigError(f"{path} is {file_kind(st.st_mode)}, not a directory; qtrain writes into it (move it away)")
 
 
 def check_ancestors(path: Path, prefix: str) -> None:
@@ -119,7 +104,7 @@ def check_ancestors(path: Path, prefix: str) -> None:
         except (FileNotFoundError, NotADirectoryError):
             continue
         if not stat.S_ISDIR(st.st_mode):
-            raise ConfigError(f"{prefix}cannot use {path}: {parent} is {kind(st.st_mode)}, not a directory")
+            raise ConfigError(f"{prefix}cannot use {path}: {parent} is {file_kind(st.st_mode)}, not a directory")
         return
 
 
@@ -149,7 +134,7 @@ def _open_error(path: Path, err: OSError) -> ConfigError:
         return _planted(path)
     if err.errno in (errno.EISDIR, errno.ENXIO, errno.ENOTDIR):
         st = lstat_or_none(path)
-        what = kind(st.st_mode) if st is not None else "not a regular file"
+        what = file_kind(st.st_mode) if st is not None else "not a regular file"
         return ConfigError(f"{path} is {what}, not a regular file; qtrain writes this file (move it away)")
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return ConfigError(f"{path}: cannot write it ({err.strerror})")
@@ -169,7 +154,8 @@ def open_for_write(path: Path, flags: int, access: int = os.O_WRONLY) -> int:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise ConfigError(f"{path} is {kind(st.st_mode)}, not a regular file; qtrain writes this file (move it away)")
+        what = file_kind(st.st_mode)
+        raise ConfigError(f"{path} is {what}, not a regular file; qtrain writes this file (move it away)")
     os.set_blocking(fd, True)
     return fd
 
@@ -259,7 +245,7 @@ def open_regular(path: Path) -> IO[bytes]:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise RunFileError(f"{path.name} is {kind(st.st_mode)}, not a regular file")
+        raise RunFileError(f"{path.name} is {file_kind(st.st_mode)}, not a regular file")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from qtrain.console import warn
 from qtrain.errors import ConfigError
+from qtrain.fsinfo import pid_alive
 from qtrain.rundir import NO_SURPRISES, check_ancestors, check_dir, check_file, lstat_or_none, open_for_write, write_all
 
 LOCK_FILE = ".qtrain.lock"
@@ -38,14 +39,6 @@ def _pid_in(fd: int) -> int | None:
     text = os.read(fd, 64).decode("ascii", "replace").strip()
     return int(text) if text.isdigit() else None
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -53,7 +46,7 @@ def _held_message(run_dir: Path, pid: int | None) -> str:
     path = run_dir / LOCK_FILE
     if pid is None:
         who = "another process (it has not written its pid yet)"
-    elif _alive(pid):
+    elif pid_alive(pid):
         who = f"qtrain pid {pid}"
     else:
         who = f"a process started by pid {pid} (no longer running; a child of it still holds the lock)"

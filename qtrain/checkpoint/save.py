@@ -21,6 +21,7 @@ from qtrain.checkpoint.write import (
     write_dir_atomically,
 )
 from qtrain.errors import CheckpointError, ResourceError
+from qtrain.fsinfo import pid_alive
 
 # ---------------------------------------------------------------- saving and retention
 
@@ -75,21 +76,11 @@ def _remove_stale_temps(root: Path) -> None:
     """Delete temporaries of dead processes (a SIGKILLed save) and of this one."""
     for entry in temp_entries(root):
         pid = _pid_of_temp(entry.name)
-        if pid is None or pid == os.getpid() or not _pid_alive(pid):
+        if pid is None or pid == os.getpid() or not pid_alive(pid):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def prune(root: Path, keep: int) -> list[Path]:

@@ -9,10 +9,10 @@ from pathlib import Path
 from qtrain import rundir
 from qtrain.checkpoint.format import FORMAT_VERSION, SYSTEM_KEYS, TMP_PREFIX, Payload
 from qtrain.checkpoint.load import load_checkpoint
-from qtrain.checkpoint.save import _pid_alive
 from qtrain.checkpoint.write import _pid_of_temp, _tensor_bytes, _write_files, write_dir_atomically
 from qtrain.console import warn
 from qtrain.errors import ConfigError
+from qtrain.fsinfo import pid_alive
 
 # ---------------------------------------------------------------- upgrading
 
@@ -50,7 +50,7 @@ def remove_stale_temps(out: Path) -> list[Path]:
     removed = []
     for entry in entries:
         pid = _pid_of_temp(entry.name)
-        if not entry.name[len(prefix) :].isdigit() or pid is None or pid == os.getpid() or _pid_alive(pid):
+        if not entry.name[len(prefix) :].isdigit() or pid is None or pid == os.getpid() or pid_alive(pid):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
