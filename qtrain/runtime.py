@@ -167,9 +167,11 @@ def load_average() -> float:
 def speed_conditions(load_before: float) -> dict[str, Any]:
     """``report.json`` fields saying whether speed figures just measured can be trusted.
 
-    They cannot when the load average (before or after the measurement) exceeds the threads
-    this run uses: other processes then compete for the cores, and a multi-threaded step
-    waits for the scheduler. Prints a warning in that case.
+    They cannot when the load average (before or after the measurement) exceeds the cores
+    this run may use (its threads, or the machine's cores when it uses fewer): the run's own
+    threads count in the load, so a one-thread run on an idle 2-core machine reads ~1.2 and is
+    fine, while at 2.5 another process competes for its core. A multi-threaded step then waits
+    for the scheduler. Prints a warning in that case.
 
     Args:
         load_before: :func:`load_average` taken before the measurement.
@@ -181,12 +183,13 @@ def speed_conditions(load_before: float) -> dict[str, Any]:
 
     threads, after = torch.get_num_threads(), load_average()
     load = max(load_before, after)
-    reliable = load <= threads
+    limit = max(threads, available_cores())
+    reliable = load <= limit
     if not reliable:
         from qtrain.console import warn
 
         warn(
-            f"load average {load:.2f} exceeds the {threads} core{'s' if threads > 1 else ''} this run uses "
+            f"load average {load:.2f} exceeds the {limit} core{'s' if limit > 1 else ''} this run can use "
             f"(threads={threads}): other processes compete for the CPU, so the speed figures below are "
             f"unreliable. For stable numbers run on an otherwise idle machine, or pin a single-threaded "
             f"run to a free core (taskset -c N qtrain ... threads=1)"
