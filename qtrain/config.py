@@ -133,8 +133,15 @@ class TrainConfig:
     """Checkpoint interval in steps (0: only at the end)."""
     keep: int = 3
     """Checkpoints retained (at least 2)."""
-    log_every: int = 10
-    """metrics.jsonl interval in steps."""
+    log_every: int = 0
+    """metrics.jsonl (and plain progress line) interval in steps; 0: auto (`log_interval`)."""
+
+    def log_interval(self) -> int:
+        """Steps between logged records: `log_every`, or with 0 about 50 points per run, at most every 10 steps.
+
+        Short runs so get loss curves with enough points to plot; long ones are logged every 10 steps.
+        """
+        return self.log_every or max(1, min(10, self.max_steps // 50))
 
 
 @dataclass
@@ -284,7 +291,7 @@ def validate(cfg: RunConfig) -> list[str]:
     _check(p, t.weight_decay >= 0, "train.weight_decay", f"must be >= 0 (got {t.weight_decay})")
     for key in ("eval_every", "save_every"):
         _check(p, getattr(t, key) >= 0, f"train.{key}", f"must be >= 0 (got {getattr(t, key)})")
-    _check(p, t.log_every > 0, "train.log_every", f"must be > 0 (got {t.log_every})")
+    _check(p, t.log_every >= 0, "train.log_every", f"must be >= 0, 0 meaning auto (got {t.log_every})")
     _check(p, t.keep >= 2, "train.keep", f"must be >= 2 so a valid checkpoint always survives (got {t.keep})")
     _check(p, 0 < cfg.data.val_fraction < 1, "data.val_fraction", f"must be in (0, 1) (got {cfg.data.val_fraction})")
     _check(p, cfg.data.val_windows == -1 or cfg.data.val_windows > 0, "data.val_windows", "must be > 0 or -1")

@@ -258,7 +258,7 @@ class Trainer:
         is_last = self.step == cfg.max_steps
         if cfg.eval_every and (self.step % cfg.eval_every == 0 or is_last):
             record["val_loss"] = self.evaluate()
-        if record or self.step % cfg.log_every == 0 or is_last:
+        if record or self.step % cfg.log_interval() == 0 or is_last:
             tokens = self.sampler.batch_size * self.sampler.block_size * cfg.grad_accum * self.world
             lr = self.optimizer.param_groups[0]["lr"]
             self._log(
@@ -285,7 +285,7 @@ class Trainer:
         tokens_per_step = self.sampler.batch_size * self.sampler.block_size * self.cfg.grad_accum * self.world
         loss = float("nan")
         if progress is not None:
-            progress.start(self.step, self.cfg.max_steps, tokens_per_step, self.cfg.log_every)
+            progress.start(self.step, self.cfg.max_steps, tokens_per_step, self.cfg.log_interval())
         try:
             while self.step < self.cfg.max_steps:
                 t0 = time.perf_counter()
