@@ -19,7 +19,7 @@ from torch import nn
 
 from qtrain import checkpoint as ck
 from qtrain.config import QuantConfig, RunConfig
-from qtrain.console import info, rank
+from qtrain.console import info, rank, warn
 from qtrain.data import BatchSampler, Corpus
 from qtrain.errors import ConfigError
 from qtrain.evaluate import perplexity
@@ -129,6 +129,8 @@ def run_ptq(ctx: RunContext) -> dict[str, Any]:
     ckpt, model = load_init(ctx)
     _require_full_precision(ckpt, "ptq")
     announce(ctx, ckpt)
+    if cfg.hooks:  # they act on QAT's prepare, fake-quant and steps: say so rather than ignore them silently
+        warn(f"mode=ptq does not run hooks (they act on mode=qat/finetune); ignoring {len(cfg.hooks)} hook(s)")
     corpus = corpus_for(ctx, model.cfg.block_size)
     evaluate = eval_fn_for(ctx, corpus, model.cfg.block_size)
     ref_loss = evaluate(model)

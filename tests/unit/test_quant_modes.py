@@ -158,3 +158,11 @@ def test_keep_full_precision_hook_skips_layers(tmp_path: Path) -> None:
     assert "blocks.0.mlp.down" not in layers and "blocks.0.mlp.gate_up" in layers
     model = model_from_checkpoint(ck.load_checkpoint(report["checkpoint"]), torch.device("cpu"))
     assert type(model.blocks[0].mlp.down) is torch.nn.Linear
+
+
+def test_ptq_says_it_does_not_run_hooks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fp = _run(tmp_path, "fp", ["mode=train", "train.max_steps=2"])
+    EVENTS.clear()
+    target = f"{__name__}.RecordingHook"
+    _run(tmp_path, "ptq", ["mode=ptq", "quant=int4", f"init_from={fp['checkpoint']}", f"hooks=[{{_target_: {target}}}]"])
+    assert EVENTS == [] and "mode=ptq does not run hooks" in capsys.readouterr().err
