@@ -164,5 +164,6 @@ def test_ptq_says_it_does_not_run_hooks(tmp_path: Path, capsys: pytest.CaptureFi
     fp = _run(tmp_path, "fp", ["mode=train", "train.max_steps=2"])
     EVENTS.clear()
     target = f"{__name__}.RecordingHook"
-    _run(tmp_path, "ptq", ["mode=ptq", "quant=int4", f"init_from={fp['checkpoint']}", f"hooks=[{{_target_: {target}}}]"])
+    hooks = f"hooks=[{{_target_: {target}}}]"
+    _run(tmp_path, "ptq", ["mode=ptq", "quant=int4", f"init_from={fp['checkpoint']}", hooks])
     assert EVENTS == [] and "mode=ptq does not run hooks" in capsys.readouterr().err
