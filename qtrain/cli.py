@@ -136,6 +136,8 @@ def execute(cfg: RunConfig, run_dir: Path, overrides: list[str] | None = None) -
     previous = runtime.install(stopper)
     threads_before = torch.get_num_threads()
     try:
+        if _sweep_stopped:  # the signal came while this sweep job was starting: it is skipped like the rest
+            return _sweep_stopped[0]
         torch.set_num_threads(_threads(cfg))
         run(ctx)
         return stopper.exit_code or (EXIT_SIGTERM if ctx.stop.is_set() else EXIT_OK)
@@ -360,6 +362,8 @@ def _main(argv: list[str]) -> None:
             error(str(err))
             if not _failures:
                 sys.exit(EXIT_CONFIG)
+    if _sweep_stopped and not _failures:  # stopped after the last job had finished: still not a clean exit
+        sys.exit(_sweep_stopped[0])
     if _failures:
         err_console.print(f"[bold red]{len(_failures)} job(s) failed:[/bold red]")
         for f in _failures:

@@ -39,8 +39,6 @@ def _pid_in(fd: int) -> int | None:
     text = os.read(fd, 64).decode("ascii", "replace").strip()
     return int(text) if text.isdigit() else None
 
-    return True
-
 
 def _held_message(run_dir: Path, pid: int | None) -> str:
     path = run_dir / LOCK_FILE

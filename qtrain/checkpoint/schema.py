@@ -166,7 +166,9 @@ def _layer(mpath: Path, name: Any, spec: Any, layers: dict[str, Any]) -> None:
         if not 0 < spec[key] <= MAX_DIM:
             raise _fail(mpath, f"{field}.{key}", f"must be in (0, {MAX_DIM}] (got {spec[key]})")
     tied = spec["tied_to"]
-    if tied is not None and (spec["kind"] != "embedding" or layers.get(tied, {}).get("kind") != "linear"):
+    target = layers.get(tied) if tied is not None else None  # not checked yet: any JSON value
+    shares = isinstance(target, dict) and target.get("kind") == "linear"
+    if tied is not None and (spec["kind"] != "embedding" or not shares):
         raise _fail(mpath, f"{field}.tied_to", f"{tied!r} is not a quantized linear layer an embedding can share")
     try:
         LayerSpec.from_dict(spec).check(field, spec["in_features"])

@@ -119,14 +119,15 @@ def _optimizer(where: Path, opt: Any, tensors: TensorInfo, groups: list[list[tup
                 "trainer.optimizer.param_groups",
                 f"hold {sizes} parameters per group, but the model's optimizer has {[len(g) for g in groups]}",
             )
-    flat = [s for g in groups for s in g] if groups is not None else None
+    # PyTorch pairs saved group g's `params[j]` with the live group g's j-th parameter (not by index order)
+    shapes = {i: groups[g][j] for g, pg in enumerate(pgs) for j, i in enumerate(pg["params"])} if groups else None
     if not isinstance(state, dict):
         raise _bad(where, "trainer.optimizer.state", "must be an object")
     for key, entry in state.items():
         field = f"trainer.optimizer.state.{key[:40]}"
         if not (key.isascii() and key.isdigit() and int(key) in index):
             raise _bad(where, field, "is not the index of a parameter in param_groups")
-        _moments(where, field, entry, tensors, index[int(key)][1], flat[int(key)] if flat else None)
+        _moments(where, field, entry, tensors, index[int(key)][1], shapes[int(key)] if shapes else None)
 
 
 def _group(where: Path, field: str, group: Any) -> list[int]:

@@ -82,6 +82,12 @@ TRAINER_JSON: dict[str, tuple[Callable[[dict[str, Any]], Any], str]] = {
     "tensor where a number goes": (lambda m: m["trainer"].update(step={"__tensor__": "x"}), "'trainer.step'"),
     "sampler seed too large": (lambda m: m["trainer"]["sampler"].update(seed=10**30), "trainer.sampler.seed"),
     "nested 100 levels": (lambda m: m["trainer"]["sampler"].update(epoch=_deep(100)), "nested deeper"),
+    # PyTorch pairs a group's params[j] with that group's j-th parameter: a reordered list moves
+    # the moments onto parameters of another shape.
+    "params reordered in a group": (
+        lambda m: _at(m, *OPT, "param_groups", 0).update(params=_at(m, *OPT, "param_groups", 0, "params")[::-1]),
+        "but its parameter has",
+    ),
     "unknown trainer key": (lambda m: m["trainer"].update(extra=1), "must hold exactly"),
 }
 

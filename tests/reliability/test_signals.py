@@ -18,6 +18,7 @@ import pytest
 
 from tests.reliability.conftest import (
     assert_same_weights,
+    execute,
     losses,
     qtrain,
     start_child,
@@ -147,3 +148,16 @@ def test_a_signal_during_eval_ends_it_at_once_without_a_traceback(
     assert f"{signal.Signals(sig).name} received: stopped at once" in err
     assert _status(run)["exit_code"] == code
     assert not (run / "report.json").exists()  # nothing half-reported
+
+
+def test_a_sweep_stop_that_lands_while_a_job_starts_skips_that_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep's handler recorded a signal before this job's own handler was installed: the job
+    must not then run to the end (a second signal would only count as a first one)."""
+    from qtrain import cli
+
+    monkeypatch.setattr(cli, "_sweep_stopped", [130])
+    run = tmp_path / "job"
+    assert execute({"train.max_steps": 3}, run) == 130
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
