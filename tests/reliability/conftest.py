@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -214,3 +215,18 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def manifest(ckpt: Path) -> dict[str, Any]:
     """A checkpoint's manifest as stored."""
     return json.loads((ckpt / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def catchable_sigint() -> Iterator[None]:
+    """Children start with SIGINT at its default even when this test run has it ignored (a
+    background job of a script): qtrain rightly keeps an inherited SIG_IGN."""
+    original = subprocess.Popen
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[str]:
+        kwargs.setdefault("preexec_fn", lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(subprocess, "Popen", popen)
+        yield

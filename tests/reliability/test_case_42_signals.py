@@ -12,28 +12,14 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from qtrain.checkpoint import TMP_PREFIX
 from tests.reliability.conftest import SHRINK, execute, start_child, tree_hashes, wait_for_file
 
-
-@pytest.fixture(autouse=True, scope="module")
-def catchable_sigint() -> Iterator[None]:
-    """Children start with SIGINT at its default even when this test run has it ignored."""
-    original = subprocess.Popen
-
-    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[str]:
-        kwargs.setdefault("preexec_fn", lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        return original(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(subprocess, "Popen", popen)
-        yield
+pytestmark = pytest.mark.usefixtures("catchable_sigint")  # tests/reliability/conftest.py
 
 
 def _stop_in(args: list[str], target: str, sig: int, tmp: Path) -> tuple[int, str, str]:

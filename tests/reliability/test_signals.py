@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -32,19 +30,7 @@ def _status(run: Path) -> dict[str, object]:
     return json.loads((run / "status.json").read_text())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def catchable_sigint() -> Iterator[None]:
-    """Children start with SIGINT at its default even when this test run has it ignored (a
-    background job of a script): qtrain rightly keeps an inherited SIG_IGN."""
-    original = subprocess.Popen
-
-    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[str]:
-        kwargs.setdefault("preexec_fn", lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        return original(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(subprocess, "Popen", popen)
-        yield
+pytestmark = pytest.mark.usefixtures("catchable_sigint")  # tests/reliability/conftest.py
 
 
 def _signal_at_step(
