@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import shutil
@@ -23,9 +22,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from qtrain import cli_flags, rundir, runlock, runtime
+from qtrain import cli_flags, runlock, runtime
 from qtrain.config import RunConfig, register_configs, validate
-from qtrain.console import console, err_console, error, labelled, plain, rank
+from qtrain.console import console, err_console, error, plain, rank
 from qtrain.errors import (
     EXIT_BUG,
     EXIT_CONFIG,
@@ -39,9 +38,9 @@ from qtrain.errors import (
     Preempted,
     QtrainError,
 )
+from qtrain.modes import sweep_jobs
 from qtrain.precheck import CONF_MODULE, fail, precheck  # noqa: F401 - fail: part of the CLI's API
 
-STATUS_FILE = "status.json"
 DISTRIBUTED_MODES = ("train", "qat", "finetune")
 _failures: list[dict[str, Any]] = []
 _started: list[bool] = []
@@ -117,8 +116,8 @@ def execute(cfg: RunConfig, run_dir: Path, overrides: list[str] | None = None) -
     import torch
 
     from qtrain import distributed
-    from qtrain.modes import run
-    from qtrain.runner import RunContext
+    from qtrain.modes.context import RunContext
+    from qtrain.modes.dispatch import run
 
     problems = validate(cfg)
     if problems:
@@ -156,27 +155,35 @@ def execute(cfg: RunConfig, run_dir: Path, overrides: list[str] | None = None) -
         if isinstance(err, ConfigError):
             _cleanup_empty_run_dir(run_dir)
         return err.exit_code
-    except ValueError as err:  # DataError and config checks raised below the CLI
-        from qtrain.data import DataError
-
-        if not isinstance(err, DataError):
+    except (ValueError, MemoryError, RuntimeError, OSError) as err:
+        failure = _user_failure(err, cfg, ctx, run_dir, device.type)
+        if failure is None:  # a bug: the traceback is shown (`_task`)
             raise
-        error(str(err))
-        _cleanup_empty_run_dir(run_dir)
-        return EXIT_CONFIG
-    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError, the CPU allocator's RuntimeError
-        if not _is_oom(err):
-            raise
-        error(_oom_message(cfg, ctx, device.type))
-        return EXIT_RESOURCES
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
-            raise
-        error(f"disk full: {err}")
-        return EXIT_RESOURCES
+        return failure
     finally:
         runtime.restore(previous)
         torch.set_num_threads(threads_before)
+
+
+def _user_failure(err: Exception, cfg: RunConfig, ctx: Any, run_dir: Path, device: str) -> int | None:
+    """Print the message of a data error, out-of-memory or full disk and return its exit code; None for a bug."""
+    if isinstance(err, ValueError):  # DataError and config checks raised below the CLI
+        from qtrain.data import DataError
+
+        if not isinstance(err, DataError):
+            return None
+        error(str(err))
+        _cleanup_empty_run_dir(run_dir)
+        return EXIT_CONFIG
+    if isinstance(err, (MemoryError, RuntimeError)):  # torch.OutOfMemoryError, the CPU allocator's RuntimeError
+        if not _is_oom(err):
+            return None
+        error(_oom_message(cfg, ctx, device))
+        return EXIT_RESOURCES
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        error(f"disk full: {err}")
+        return EXIT_RESOURCES
+    return None
 
 
 def _threads(cfg: RunConfig) -> int:
@@ -195,19 +202,6 @@ def _preempted_message(err: Preempted, code: int) -> str:
     return str(err).replace("SIGTERM", runtime.signal_name(code), 1)
 
 
-def _write_status(run_dir: Path, code: int, overrides: list[str]) -> None:
-    """status.json (rank 0), under the run dir's lock: never into a dir another live qtrain holds, nor via a link."""
-    if rank() != 0:
-        return
-    status = {"exit_code": code, "ok": code == 0, "overrides": overrides}
-    try:
-        rundir.make_dirs(run_dir)
-        with runlock.hold(run_dir):
-            rundir.write_atomic(run_dir / STATUS_FILE, json.dumps(status, indent=2) + "\n")
-    except ConfigError as err:
-        err_console.print(labelled("warning", "yellow", f"{STATUS_FILE} not written: {err}"))
-
-
 def _task(dcfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -219,7 +213,7 @@ def _task(dcfg: DictConfig) -> None:
     if _sweep_stopped:  # an earlier job of this sweep, or the sweep, was stopped by SIGINT/SIGTERM
         stop = _sweep_stopped[0]
         err_console.print(plain(f"skipped after {runtime.signal_name(stop)}: {' '.join(overrides)}"))
-        _write_status(run_dir, stop, overrides)
+        sweep_jobs.write_status(run_dir, stop, overrides)
         _jobs.append({"dir": str(run_dir), "exit_code": stop, "ok": False, "overrides": overrides, "skipped": True})
         _failures.append({"dir": str(run_dir), "exit_code": stop, "overrides": overrides})
         return
@@ -234,7 +228,7 @@ def _task(dcfg: DictConfig) -> None:
         traceback.print_exc()
         code = EXIT_BUG
     if hc.mode == RunMode.MULTIRUN:
-        _write_status(run_dir, code, overrides)
+        sweep_jobs.write_status(run_dir, code, overrides)
         _jobs.append({"dir": str(run_dir), "exit_code": code, "ok": code == EXIT_OK, "overrides": overrides})
         _sweep_dir[:] = [Path(hc.sweep.dir)]
         if code != EXIT_OK:
@@ -243,7 +237,7 @@ def _task(dcfg: DictConfig) -> None:
             _sweep_stopped.append(code)
         return
     if run_dir.exists():
-        _write_status(run_dir, code, overrides)
+        sweep_jobs.write_status(run_dir, code, overrides)
     if code != EXIT_OK:
         sys.exit(code)
 
@@ -355,9 +349,8 @@ def _main(argv: list[str]) -> None:
         err_console.print(plain(note, "dim"))
     if _jobs and rank() == 0:
         sweep_dir = _sweep_dir[0] if _sweep_dir else Path(_jobs[0]["dir"]).parent
-        summary = {"jobs": _jobs, "failed": len(_failures), "succeeded": len(_jobs) - len(_failures)}
         try:
-            rundir.write_atomic(sweep_dir / "sweep_status.json", json.dumps(summary, indent=2) + "\n")
+            sweep_jobs.write_sweep_status(sweep_dir, _jobs, len(_failures))
         except ConfigError as err:  # a planted link or a directory in its place: refused, never written through
             error(str(err))
             if not _failures:

@@ -22,9 +22,14 @@ from hydra.core.config_store import ConfigStore
 from qtrain.jobdir import register_resolver
 
 MODES = ("train", "ptq", "qat", "finetune", "eval", "generate", "verify", "upgrade", "report")
-SCHEME_NAMES = ("none", "int8", "int4", "int8da_int4w")
+GROUPED_SCHEMES = {"int8": False, "int4": True, "int8da_int4w": True}
+"""The `quant.scheme` values (besides none) and whether their weights come in groups along K
+(`quant.group_size` applies); the others are per channel and symmetric. The scheme table
+itself (`qtrain.quant.schemes`) lives above config; a test keeps the two in step."""
+SCHEME_NAMES = ("none", *GROUPED_SCHEMES)
 GROUP_SIZES = (32, 64, 128, 256)
 PTQ_METHODS = ("rtn", "mse", "gptq")
+"""The `ptq.method` values (the registry `qtrain.quant.ptq.METHODS`; a test keeps them in step)."""
 TRAINING_MODES = ("train", "qat", "finetune")
 """Modes that run the optimisation loop (train.* schedule applies)."""
 KERNELS = ("auto", "native", "torch", "reference")
@@ -66,7 +71,7 @@ class ModelConfig:
 
 @dataclass
 class QuantConfig:
-    """Quantization scheme; see qtrain.quant.api.SCHEMES."""
+    """Quantization scheme; see qtrain.quant.schemes.SCHEMES."""
 
     scheme: str = "none"
     """none | int8 | int4 | int8da_int4w."""
@@ -374,7 +379,8 @@ def _validate_quant(p: list[str], q: QuantConfig, m: ModelConfig) -> None:
     _check(p, q.scheme in SCHEME_NAMES, "quant.scheme", f"'{q.scheme}' is not one of {list(SCHEME_NAMES)}")
     _check(p, q.activations in ("none", "int8"), "quant.activations", f"'{q.activations}' must be none|int8")
     _check(p, q.kernel in KERNELS, "quant.kernel", f"'{q.kernel}' must be {'|'.join(KERNELS)}")
-    if q.scheme in ("int4", "int8da_int4w"):
+    grouped = GROUPED_SCHEMES.get(q.scheme)
+    if grouped:
         ok = q.group_size == -1 or q.group_size in GROUP_SIZES
         _check(p, ok, "quant.group_size", f"{q.group_size} must be one of {list(GROUP_SIZES)} or -1 (per channel)")
         if ok and q.group_size > 0:
@@ -389,8 +395,10 @@ def _validate_quant(p: list[str], q: QuantConfig, m: ModelConfig) -> None:
                     f"{q.group_size} does not divide the {name} = {k}; pick one of "
                     f"{[g for g in GROUP_SIZES if k % g == 0] or 'none'} or -1",
                 )
-    if q.scheme == "int8":
-        _check(p, q.symmetric, "quant.symmetric", "int8 weights are symmetric per channel; set quant.symmetric=true")
+    if grouped is False:
+        _check(
+            p, q.symmetric, "quant.symmetric", f"{q.scheme} weights are symmetric per channel; set quant.symmetric=true"
+        )
 
 
 def _validate_mode_inputs(p: list[str], cfg: RunConfig) -> None:
@@ -399,7 +407,7 @@ def _validate_mode_inputs(p: list[str], cfg: RunConfig) -> None:
     if mode in needs_init:
         _check(p, bool(cfg.init_from), "init_from", f"mode={mode} needs init_from=PATH (a checkpoint or run dir)")
     if mode in ("ptq", "qat"):
-        _check(p, cfg.quant.scheme != "none", "quant", f"mode={mode} needs a scheme: quant=int8|int4|int8da_int4w")
+        _check(p, cfg.quant.scheme != "none", "quant", f"mode={mode} needs a scheme: quant={'|'.join(GROUPED_SCHEMES)}")
     if mode == "upgrade":
         _check(p, bool(cfg.out), "out", "mode=upgrade needs out=PATH (a new directory)")
     if mode == "report":

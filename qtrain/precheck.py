@@ -254,7 +254,7 @@ def _check(composer: Composer, overrides: list[str], multirun: bool, values: boo
             where = "hydra.sweep.dir" if multirun else "hydra.run.dir"
             found.add(found.problems, _unwritable(where, hydra["sweep_dir" if multirun else "run_dir"]), 0)
         if i == 0 and hydra and values and not multirun and run is not None and not found.problems:
-            from qtrain.resume_check import check_run_dir  # a resume with settings it may not change
+            from qtrain.modes.resume_check import check_run_dir  # a resume with settings it may not change
 
             found.add(found.problems, check_run_dir(run, Path(hydra["run_dir"])), 0)
     return found

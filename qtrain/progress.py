@@ -103,18 +103,6 @@ def format_banner(fields: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def scheme_label(quant: dict[str, Any] | None) -> str:
-    """``int4 (group 32, symmetric)``, ``int8``, ``full precision``, from a QuantConfig as a dict."""
-    if not quant or quant.get("scheme", "none") == "none":
-        return "full precision"
-    scheme = str(quant["scheme"])
-    if scheme == "int8":
-        return scheme
-    group = quant.get("group_size", -1)
-    grouping = "per channel" if group == -1 else f"group {group}"
-    return f"{scheme} ({grouping}, {'symmetric' if quant.get('symmetric', True) else 'asymmetric'})"
-
-
 def banner(fields: dict[str, Any]) -> None:
     """Print the run's first line (rank 0): see :func:`format_banner`."""
     if rank() == 0:  # wrapped at words on a terminal; off one the console is too wide to wrap

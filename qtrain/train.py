@@ -1,9 +1,12 @@
 """The training loop: AdamW, warmup + cosine, accumulation, clipping, a non-finite guard, DDP.
 
-The loop knows nothing about checkpoints or quantization: the caller passes a `save_fn`,
-an `eval_fn` and step callbacks (QAT schedules, hooks). Its whole state (optimizer,
-step, sampler position) round-trips through `state_dict` / `load_state_dict`, which is
-what makes a resumed run bit-identical to an uninterrupted one.
+The loop knows nothing about checkpoint files or quantization schemes: the caller passes
+`TrainCallbacks` (a `save_fn`, an `eval_fn`, step callbacks such as QAT schedules and
+quantization hooks) and the parameter groups. It only looks at parameter names once: under
+DDP, learnable quantization scales (parameters named ``*.scales``) get no gradient before QAT
+starts or once frozen, so DDP is told to expect unused parameters. Its whole state
+(optimizer, step, sampler position) round-trips through `state_dict` / `load_state_dict`,
+which is what makes a resumed run bit-identical to an uninterrupted one.
 
 Example:
     >>> trainer = Trainer(model, cfg.train, sampler, torch.device("cpu"))
@@ -87,8 +90,8 @@ class StopFlag:
 
 
 @dataclass
-class Hooks:
-    """Optional callbacks the caller wires in."""
+class TrainCallbacks:
+    """Optional callbacks the caller wires into the loop (not `qtrain.quant.hooks`, which act on layers)."""
 
     eval_fn: Callable[[nn.Module], float] | None = None
     """Validation loss of the model."""
@@ -112,7 +115,7 @@ class Trainer:
         sampler: BatchSampler,
         device: torch.device,
         *,
-        hooks: Hooks | None = None,
+        callbacks: TrainCallbacks | None = None,
         loss_fn: LossFn = cross_entropy_loss,
         param_groups: list[dict[str, Any]] | None = None,
         metrics_path: Path | None = None,
@@ -121,7 +124,7 @@ class Trainer:
         self.model, self.cfg, self.sampler, self.device = model, cfg, sampler, device
         if hasattr(model, "activation_checkpointing"):  # a qtrain GPT: recompute blocks in backward
             setattr(model, "activation_checkpointing", cfg.activation_checkpointing)  # noqa: B010
-        self.hooks = hooks or Hooks()
+        self.callbacks = callbacks or TrainCallbacks()
         self.loss_fn = loss_fn
         self.metrics_path = metrics_path
         self.step = 0
@@ -177,7 +180,7 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step; returns (loss, grad norm). Raises NonFiniteError before stepping."""
-        for cb in self.hooks.before_step:
+        for cb in self.callbacks.before_step:
             cb(self.step, self.model)
         loss_sum = torch.zeros((), device=self.device)
         for x, y, last in self._micro_batches():
@@ -210,11 +213,11 @@ class Trainer:
 
     def evaluate(self) -> float | None:
         """Validation loss through `eval_fn` (model in eval mode), or None without one."""
-        if self.hooks.eval_fn is None:
+        if self.callbacks.eval_fn is None:
             return None
         self.model.eval()
         with torch.no_grad(), self._autocast():
-            val = self.hooks.eval_fn(self.model)
+            val = self.callbacks.eval_fn(self.model)
         self.model.train()
         self.last_val_loss = val
         return val
@@ -225,7 +228,7 @@ class Trainer:
         Under DDP every rank calls this; if any rank fails to collect its state, nothing is
         written; if rank 0 fails to write, every rank raises.
         """
-        if self.hooks.save_fn is None:
+        if self.callbacks.save_fn is None:
             return None
         distributed.barrier()
         state, result, error = None, None, None
@@ -239,7 +242,7 @@ class Trainer:
             raise RuntimeError(f"checkpoint at step {self.step} failed on another rank; nothing published, stopping")
         assert state is not None
         try:
-            result = self.hooks.save_fn(self.step, state)
+            result = self.callbacks.save_fn(self.step, state)
         except BaseException as err:  # noqa: BLE001 - re-raised below, after the other ranks know
             error = err
         if distributed.any_rank(error is not None):
@@ -251,7 +254,7 @@ class Trainer:
     def _after_step(self, loss: float, grad_norm: float, dt: float) -> None:
         cfg = self.cfg
         record: dict[str, Any] = {}
-        for cb in self.hooks.after_step:
+        for cb in self.callbacks.after_step:
             extra = cb(self.step, self.model)
             if extra:
                 record.update(extra)
@@ -275,7 +278,8 @@ class Trainer:
             self.save()
 
     def fit(self, progress: TrainProgress | None = None) -> dict[str, Any]:
-        """Run until `cfg.max_steps`; save at the end. SIGTERM saves and raises Preempted.
+        """Run until `cfg.max_steps` (saving every `train.save_every` steps, not at the end: the
+        caller saves the result). SIGTERM saves and raises Preempted.
 
         `progress` (a :class:`~qtrain.progress.TrainProgress`) shows the run: a live display
         on a terminal, a plain line every `train.log_every` steps elsewhere.
@@ -295,14 +299,14 @@ class Trainer:
                 if progress is not None:
                     lr = self.optimizer.param_groups[0]["lr"]
                     progress.update(self.step, loss, lr, self.last_val_loss, step_s)
-                if distributed.any_rank(self.hooks.stop.is_set()):
+                if distributed.any_rank(self.callbacks.stop.is_set()):
                     self.save()
                     raise Preempted(f"SIGTERM at step {self.step}: checkpoint saved, exiting")
         finally:
             if progress is not None:
                 progress.close()
         elapsed = time.perf_counter() - t_start
-        if self.cfg.eval_every == 0 and self.hooks.eval_fn is not None:
+        if self.cfg.eval_every == 0 and self.callbacks.eval_fn is not None:
             self.evaluate()
         steps = self.step - start_step
         return {

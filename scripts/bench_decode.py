@@ -2,7 +2,7 @@
 
 Not a test. One random-weight full-precision GPT (default: the ``model=base`` shape, 12
 layers, width 1024, context 512) is turned into every scheme with
-``qtrain.quant.api.convert`` (bf16 is a plain ``.to(torch.bfloat16)`` copy), then:
+``qtrain.quant.convert`` (bf16 is a plain ``.to(torch.bfloat16)`` copy), then:
 
 - decode: each scheme runs its own :class:`qtrain.evaluate.GreedyDecoder` (the loop that
   ``qtrain mode=eval`` times) from the same 16-token prompt; the schemes advance **one token at
@@ -38,10 +38,10 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from qtrain import quant as api
 from qtrain.config import ModelConfig, QuantConfig
 from qtrain.evaluate import GreedyDecoder
 from qtrain.model import GPT
-from qtrain.quant import api
 from qtrain.quant.packed import Int4Linear, Int8Linear, PackedLinear, kernel_group
 
 console = Console(width=180)

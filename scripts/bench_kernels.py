@@ -37,7 +37,7 @@ from bench_common import copy_bandwidth
 from rich.console import Console
 from rich.table import Table
 
-from qtrain.quant import fastpaths, native
+from qtrain.quant import kernel_ops, native
 from qtrain.quant import primitives as P
 from qtrain.quant.packed import Int4Linear, Int8Linear
 
@@ -58,7 +58,7 @@ def candidates(k: int, n: int, m: int) -> tuple[dict[str, Callable[[], Any]], di
     q8(x), q4(x)  # build the kernel caches
     w8, s8 = q8.weight_int8, q8.scales.reshape(-1).contiguous()
     w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.codes().to(torch.int32), 1)
-    sz4 = fastpaths.Int4Weight(q4.weight_packed, q4.scales, None, k, 32).scale_and_zero(32, 0)
+    sz4 = kernel_ops.PackedWeights(4, q4.weight_packed, q4.scales, None, k, 32).scale_and_zero(32, 0)
     mm8, mm4 = torch.ops.aten._weight_int8pack_mm, torch.ops.aten._weight_int4pack_mm_for_cpu
     fns: dict[str, Callable[[], Any]] = {
         "fp32": lambda: F.linear(x, w),

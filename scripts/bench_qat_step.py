@@ -34,9 +34,9 @@ from rich.table import Table
 from qtrain.config import ModelConfig, QATConfig, QuantConfig, RunConfig, TrainConfig
 from qtrain.data import BatchSampler, load_corpus
 from qtrain.model import GPT
-from qtrain.quant import api
-from qtrain.quant_modes import qat_param_groups, schedule_callback
-from qtrain.train import Hooks, Trainer
+from qtrain.modes.training import qat_param_groups, schedule_callback
+from qtrain.quant.recipe import QuantRecipe
+from qtrain.train import TrainCallbacks, Trainer
 
 console = Console(width=120)
 SMALL = ModelConfig(name="small", n_layer=6, n_embd=384, n_head=6, block_size=256, mlp_hidden=1024)
@@ -57,15 +57,15 @@ def make_trainer(name: str, qcfg: QuantConfig | None, tokens: torch.Tensor, batc
     model.init_weights(seed)
     tcfg = TrainConfig(max_steps=10**6, batch_size=batch, warmup_steps=10, eval_every=0, save_every=0)
     sampler = BatchSampler(tokens, SMALL.block_size, batch, seed)  # same seed: same batches in every arm
-    hooks = Hooks()
+    callbacks = TrainCallbacks()
     groups = None
     if qcfg is not None:
-        api.prepare(model, qcfg)
+        QuantRecipe.from_config(qcfg).prepare(model)
         cfg = RunConfig(model=SMALL, quant=qcfg, train=tcfg, qat=QATConfig())
-        hooks.before_step.append(schedule_callback(cfg))  # type: ignore[arg-type]
+        callbacks.before_step.append(schedule_callback(cfg))  # type: ignore[arg-type]
         groups = qat_param_groups(model, cfg)
     model.train()
-    return Trainer(model, tcfg, sampler, torch.device("cpu"), hooks=hooks, param_groups=groups)
+    return Trainer(model, tcfg, sampler, torch.device("cpu"), callbacks=callbacks, param_groups=groups)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

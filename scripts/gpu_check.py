@@ -1,27 +1,38 @@
 """GPU check: packed kernels against the reference, decode/prefill at model=1b shapes, QAT step time.
 
-Not a test; one script for one GPU (meant to finish in under 5 minutes on an H100):
+Not a test; one script for one GPU, one run of under 5 minutes (``--budget-s``) that measures,
+side by side, what issue 18 asks (each part skipped with a note once the budget is spent; run
+in the order kernels, prefill, decode, qat; results written to ``--out`` after every part, so a
+killed run keeps them):
 
-1. kernels: every packed kernel (int8, int8 + int8 activations, int4 group 32/128 symmetric
-   and asymmetric, int8da_int4w) on random weights at the ``model=1b`` layer shapes (and an
-   odd one), at 1..512 rows so every dispatch path runs (tinygemm <= 64 rows, ``_int_mm`` > 16
-   rows, dequantize + matmul above), against the reference kernel (dequantize, fp32
-   ``F.linear``) with the bound of ``tests/unit/quant/test_packed.py``; plus batch-1 layer
-   timings (bf16 ``F.linear`` vs qtrain's int8 / int4);
-2. decode: batch-1 greedy tokens/s of bf16, int8, int4 g32 (and int8da_int4w) at 1b shapes
-   (20 layers, width 2048, 16 heads, mlp 5632; random weights): eager (qtrain's own KV-cache
-   loop, ``qtrain.evaluate.GreedyDecoder``) and with a CUDA graph of a static-shape decode step
-   (:func:`static_decode_step`: masked attention over the whole cache, position as a tensor),
-   next to the memory-bandwidth bound (device copy bandwidth / weight bytes per token);
-3. prefill: one forward over 512 tokens per scheme;
-4. QAT: training-step time of ``model=small`` (batch 16 x 256, bf16 autocast, qtrain's
-   ``Trainer``) for full precision and int4 g32 fake-quant, eager and ``torch.compile``.
+1. ``kernels``: every packed kernel (int8, int8 + int8 activations, int4 g32/g128 sym/asym,
+   int8da_int4w) at the ``model=1b`` layer shapes (and an odd one) and 1..512 rows, against
+   the reference (dequantize, fp32 ``F.linear``) with the bound of ``tests/unit/quant/test_packed.py``;
+   the Triton dequantize-in-GEMM kernels (:mod:`qtrain.quant.cuda`) likewise; layer times at
+   1 row (decode) and 512 rows (prefill), ``model=1b`` and Llama-3-8B shapes.
+2. ``decode``: batch-1 greedy tokens/s at 1b shapes (20 x 2048, 16 heads, mlp 5632, random
+   weights) for bf16, int8, int4 g32, int8da_int4w g32 (and int4 g32 through an Inductor GEMV
+   instead of tinygemm): eager (``GPT.decode_step``, the loop of
+   ``GreedyDecoder``) and :class:`qtrain.fastdecode.FastDecoder` (compiled blocks, whole step
+   as one CUDA graph), its compile + capture time, its logit error against eager, the
+   bandwidth bound (device copy bandwidth / weight bytes per token) and % of it.
+3. ``prefill``: 512 and 2048 tokens per scheme, packed layers through
+   :class:`qtrain.quant.cuda.linear.PrefillLinear` (Triton dequantize-in-GEMM above 64 rows,
+   ``torch._int_mm`` for int8 activations), and the packed layers' own path at 512.
+4. ``qat``: training step (bf16 autocast, fused AdamW) for fp / int4 g32 / int8da_int4w g32,
+   eager and compiled (``--qat-compile``; default regional: each repeated block compiled once,
+   ``fullgraph=True``, the fake-quant inside the graph), at ``model=small`` (batch 16 x 256) and at a Llama-3-8B-like
+   stack (width 4096, MLP 14336, GQA 32/8 heads; plain linears, since qtrain's GPT has no
+   GQA; 2 layers, batch 8 x 512); warm-up (compile) time and ratio to fp.
 
 Without CUDA it prints why and exits 0. ``--device cpu`` runs every part on a tiny model on
 the CPU (no CUDA graph, no compile): a dry run of the script's logic (the unit tests do that).
+Runs where ``hydra``/``omegaconf`` are not installed (stand-ins for the config imports).
 
-Usage:
-    python scripts/gpu_check.py --out gpu_check.json
+Usage (two runs of under 5 minutes each):
+    python scripts/gpu_check.py --sections kernels,decode,prefill --out gpu_check_1.json
+    python scripts/gpu_check.py --sections qat-small,qat-8b --qat-compile-small regional,model-cudagraphs
+        --out gpu_check_2.json                            # (one command line)
     python scripts/gpu_check.py --device cpu              # dry run, seconds
 """
 
@@ -29,34 +40,70 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
+import os
 import signal
 import statistics
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from rich.console import Console
-from rich.table import Table
-from torch import nn
 
-from qtrain.config import ModelConfig, QATConfig, QuantConfig, RunConfig, TrainConfig
-from qtrain.data import BatchSampler, DataConfig, load_corpus
-from qtrain.evaluate import GreedyDecoder
-from qtrain.model import GPT, KVCache, apply_rope
-from qtrain.quant import api
-from qtrain.quant import primitives as P
-from qtrain.quant.packed import Int4Linear, Int8Linear, PackedLinear
-from qtrain.quant.primitives import LayerSpec
-from qtrain.quant_modes import qat_param_groups, schedule_callback
-from qtrain.train import Hooks, Trainer
+def _stand_in_config_deps() -> None:
+    """qtrain.config registers its schemas with Hydra on import; where hydra/omegaconf are
+    missing (a bare GPU box), install no-op stand-ins so the model and kernels import."""
+    try:
+        import hydra.core.config_store  # noqa: F401
+        import omegaconf  # noqa: F401
 
-console = Console(width=150)
+        return
+    except ImportError:
+        pass
+
+    class _Store:
+        @classmethod
+        def instance(cls) -> _Store:
+            return cls()
+
+        def store(self, *args: Any, **kwargs: Any) -> None:
+            """No-op."""
+
+    class _OmegaConf:
+        @staticmethod
+        def register_new_resolver(*args: Any, **kwargs: Any) -> None:
+            """No-op."""
+
+    mods = {name: types.ModuleType(name) for name in ("hydra", "hydra.core", "hydra.core.config_store", "omegaconf")}
+    mods["hydra.core.config_store"].ConfigStore = _Store  # type: ignore[attr-defined]
+    mods["omegaconf"].OmegaConf = _OmegaConf  # type: ignore[attr-defined]
+    for name, mod in mods.items():
+        if sys.modules.get(name) is None:
+            sys.modules[name] = mod
+
+
+_stand_in_config_deps()
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from torch import nn  # noqa: E402
+
+from qtrain.config import ModelConfig  # noqa: E402
+from qtrain.fastdecode import FastDecoder, rotate_pairs  # noqa: E402
+from qtrain.model import GPT, KVCache  # noqa: E402
+from qtrain.quant import LayerSpec  # noqa: E402
+from qtrain.quant import primitives as P  # noqa: E402
+from qtrain.quant.cuda import kernels as K  # noqa: E402
+from qtrain.quant.cuda.linear import swap_for_prefill  # noqa: E402
+from qtrain.quant.fake import FakeQuantLinear  # noqa: E402
+from qtrain.quant.packed import Int4Linear, Int8Linear, PackedLinear  # noqa: E402
+
+console = Console(width=160)
 
 KERNEL_SPECS: dict[str, LayerSpec] = {
     "int8": LayerSpec("int8", 8),
@@ -67,15 +114,43 @@ KERNEL_SPECS: dict[str, LayerSpec] = {
     "int4 g128 asym": LayerSpec("int4", 4, 128, False),
     "int8da_int4w g32": LayerSpec("int8da_int4w", 4, 32, True, "int8"),
 }
-MODEL_1B = ModelConfig(name="1b", n_layer=20, n_embd=2048, n_head=16, block_size=1024, mlp_hidden=5632)
+MODEL_1B = ModelConfig(name="1b", n_layer=20, n_embd=2048, n_head=16, block_size=2048, mlp_hidden=5632)
 MODEL_SMALL = ModelConfig(name="small", n_layer=6, n_embd=384, n_head=6, block_size=256, mlp_hidden=1024)
 MODEL_DRY = ModelConfig(name="dry", n_layer=1, n_embd=64, n_head=2, block_size=48, mlp_hidden=128)
-DECODE_SCHEMES: dict[str, QuantConfig | None] = {
+DECODE_SCHEMES: dict[str, LayerSpec | None] = {
     "bf16": None,
-    "int8": QuantConfig(scheme="int8"),
-    "int4 g32": QuantConfig(scheme="int4", group_size=32),
-    "int8da_int4w g32": QuantConfig(scheme="int8da_int4w", group_size=32),
+    "int8": KERNEL_SPECS["int8"],
+    "int4 g32": KERNEL_SPECS["int4 g32"],
+    "int8da_int4w g32": KERNEL_SPECS["int8da_int4w g32"],
+    "int4 g32 inductor": KERNEL_SPECS["int4 g32"],  # int4 decoded by an Inductor GEMV instead of tinygemm
 }
+PREFILL_SCHEMES: dict[str, LayerSpec | None] = {
+    **{k: v for k, v in DECODE_SCHEMES.items() if "inductor" not in k},
+    "int8 act8": KERNEL_SPECS["int8 act8"],
+}
+QAT_SCHEMES: dict[str, LayerSpec | None] = {
+    "fp": None,
+    "int4 g32": KERNEL_SPECS["int4 g32"],
+    "int8da_int4w g32": KERNEL_SPECS["int8da_int4w g32"],
+}
+SECTIONS = ("kernels", "decode", "prefill", "qat-small", "qat-8b")
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """A Llama-3-8B-like layer stack (GQA attention, SwiGLU), random weights."""
+
+    name: str = "llama3-8b stack"
+    n_layer: int = 2
+    n_embd: int = 4096
+    n_head: int = 32
+    n_kv_head: int = 8
+    mlp_hidden: int = 14336
+    block_size: int = 512
+
+
+STACK_8B = StackConfig()
+STACK_DRY = StackConfig(name="dry stack", n_layer=1, n_embd=64, n_head=4, n_kv_head=2, mlp_hidden=96, block_size=16)
 
 
 def layer_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
@@ -84,10 +159,94 @@ def layer_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
     return [(3 * c, c), (c, c), (2 * h, c), (c, h), (40, 128)]
 
 
+def stack_shapes(cfg: StackConfig) -> list[tuple[int, int]]:
+    """(N, K) of the stack's projections (qkv with GQA: C + 2 * kv_heads * head_dim)."""
+    c, d = cfg.n_embd, cfg.n_embd // cfg.n_head
+    return [(c + 2 * cfg.n_kv_head * d, c), (c, c), (2 * cfg.mlp_hidden, c), (c, cfg.mlp_hidden)]
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued device work (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def short_error(err: BaseException, width: int = 160) -> str:
+    """``Type: first line`` of an exception."""
+    text = str(err).splitlines()[0][:width] if str(err) else ""
+    return f"{type(err).__name__}: {text}"
+
+
+class Results:
+    """The JSON result, rewritten (atomically) after every part when ``path`` is set."""
+
+    def __init__(self, path: str | None, data: dict[str, Any]) -> None:
+        self.path = Path(path) if path else None
+        self.data = data
+
+    def save(self) -> None:
+        """Write the current state."""
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        os.replace(tmp, self.path)
+
+
+class Budget:
+    """Wall-clock budget of the run: parts check what is left before they start."""
+
+    def __init__(self, total_s: float, notes: list[str]) -> None:
+        self.t0, self.total_s, self.notes = time.perf_counter(), total_s, notes
+
+    def left(self) -> float:
+        """Seconds left."""
+        return self.total_s - (time.perf_counter() - self.t0)
+
+    def allow(self, part: str, need_s: float) -> bool:
+        """Whether ``part`` (expected to take ``need_s``) still fits; notes it when not."""
+        if self.left() >= need_s:
+            return True
+        self.notes.append(f"{part}: skipped, {max(self.left(), 0):.0f} s left of the budget, needs ~{need_s:.0f} s")
+        return False
+
+
+class ArmTimeout(Exception):
+    """An arm ran past its time limit."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`ArmTimeout` in the main thread after ``seconds`` (POSIX; no-op elsewhere)."""
+    if seconds <= 0 or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def alarm(*_: Any) -> None:
+        raise ArmTimeout(f"over its {seconds:.0f} s limit")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 3) -> float:
+    """Median seconds per call (device-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 # ---------------------------------------------------------------- 1. kernels
@@ -96,6 +255,25 @@ def sync(device: torch.device) -> None:
 def kernel_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Allowed |fast - reference|: 2^-6 * (|x| @ |W|^T) + 1e-5 (bf16 activations and output)."""
     return 2**-6 * (x.abs().float() @ w.abs().t().float()) + 1e-5
+
+
+def _check_row(name: str, mod: PackedLinear, x: torch.Tensor, fast: torch.Tensor, fast_used: bool) -> dict[str, Any]:
+    ref = mod.reference_forward(x)
+    x_in = P.fake_quantize_per_token(x) if mod.spec.activations == "int8" else x
+    err = (fast.float() - ref.float()).abs()
+    frac = float((err / kernel_bound(x_in, mod.dequantize())).max())
+    ok = bool(torch.isfinite(fast).all()) and frac <= 1.0 and tuple(fast.shape) == tuple(ref.shape)
+    n, k = mod.out_features, mod.in_features
+    return {
+        "kernel": name,
+        "N": n,
+        "K": k,
+        "rows": x.shape[0],
+        "fast": fast_used,
+        "max_err": float(err.max()),
+        "worst_fraction_of_bound": frac,
+        "ok": ok,
+    }
 
 
 def check_kernels(
@@ -119,58 +297,96 @@ def check_kernels(
         for n, k in shapes:
             if spec.group_size > 0 and k % spec.group_size:
                 continue
-            w = (torch.randn(n, k, generator=gen) * 0.05).to(device)  # quantized on the device
-            mod = cls.from_float(w, spec, name=name)
-            w_hat = mod.dequantize()
+            mod = cls.from_float((torch.randn(n, k, generator=gen) * 0.05).to(device), spec, name=name)
             for m in rows:
                 x = (torch.randn(m, k, generator=gen) + 0.5).to(device)
                 with torch.inference_mode():
-                    fast, ref = mod(x), mod.reference_forward(x)
-                x_in = P.fake_quantize_per_token(x) if spec.activations == "int8" else x
-                err = (fast.float() - ref.float()).abs()
-                frac = float((err / kernel_bound(x_in, w_hat)).max())
-                finite = bool(torch.isfinite(fast).all())
-                out.append(
-                    {
-                        "kernel": name, "N": n, "K": k, "rows": m, "fast": mod._fast_fn is not None,
-                        "max_err": float(err.max()), "worst_fraction_of_bound": frac,
-                        "ok": finite and frac <= 1.0 and tuple(fast.shape) == (m, n),
-                    }
-                )
+                    out.append(_check_row(name, mod, x, mod(x), mod._fast_fn is not None))
     return out
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 3) -> float:
-    """Median seconds per call (device-synchronised)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def check_triton_kernels(device: torch.device, shapes: list[tuple[int, int]], rows: list[int]) -> list[dict[str, Any]]:
+    """:func:`qtrain.quant.cuda.int4_gemm` / ``int8_gemm`` vs the reference (bf16 activations).
+
+    Returns:
+        Rows like :func:`check_kernels` (``kernel`` prefixed ``triton``); empty when the
+        kernels cannot run here.
+    """
+    if not K.available(device):
+        return []
+    with _env("QTRAIN_TRITON_AUTOTUNE", "0"):  # correctness only: one tile config, no tuning runs
+        return _check_triton(device, shapes, rows)
 
 
-def time_layers(device: torch.device, shapes: list[tuple[int, int]], reps: int) -> list[dict[str, Any]]:
-    """Batch-1 time of bf16 ``F.linear`` and qtrain's int8 / int4 g32 linears per shape."""
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def _check_triton(device: torch.device, shapes: list[tuple[int, int]], rows: list[int]) -> list[dict[str, Any]]:
+    """Each Triton kernel variant (int8; int4 symmetric g32; asymmetric g128) at ``rows``; the odd
+    shape (N % 16 != 0) also at the smallest row count (partial tiles). Few variants: each
+    compiles its own kernels."""
+    gen = torch.Generator().manual_seed(2)
+    out = []
+    for name in ("int8", "int4 g32", "int4 g128 asym"):
+        spec = KERNEL_SPECS[name]
+        cls = Int8Linear if spec.bits == 8 else Int4Linear
+        for n, k in shapes:
+            if spec.group_size > 0 and k % spec.group_size:
+                continue
+            mod = cls.from_float((torch.randn(n, k, generator=gen) * 0.05).to(device), spec, name=name)
+            for m in rows if n % 16 else rows[-1:]:
+                x = (torch.randn(m, k, generator=gen) + 0.5).to(device, torch.bfloat16)
+                with torch.inference_mode():
+                    if isinstance(mod, Int8Linear):
+                        fast = K.int8_gemm(x, mod.weight_int8, mod.scales)
+                    else:
+                        assert isinstance(mod, Int4Linear)
+                        fast = K.int4_gemm(x, mod.weight_packed, mod.scales, mod.zeros, spec.group_size)
+                    out.append(_check_row(f"triton {name}", mod, x, fast, True))
+    return out
+
+
+def time_layers(device: torch.device, shapes: list[tuple[int, int]], reps: int, label: str) -> list[dict[str, Any]]:
+    """Layer time (us) at 1 row (decode) and 512 rows (prefill) per path and shape.
+
+    1 row: bf16 ``F.linear``, qtrain's int8 (fused GEMV) and int4 (tinygemm) layers. 512 rows:
+    bf16, the int8 / int4 layers' own paths (dequantize + matmul), Triton ``int4_gemm`` / ``int8_gemm``.
+    """
     gen = torch.Generator().manual_seed(1)
     out = []
     for n, k in shapes:
-        w = (torch.randn(n, k, generator=gen) * 0.05).to(device)
-        x = torch.randn(1, k, generator=gen).to(device, torch.bfloat16)
-        wb = w.to(torch.bfloat16)
+        w = (torch.randn(n, k, generator=gen) * 0.05).to(device, torch.bfloat16)
         q8 = Int8Linear.from_float(w, KERNEL_SPECS["int8"])
         q4 = Int4Linear.from_float(w, KERNEL_SPECS["int4 g32"])
+        assert isinstance(q8, Int8Linear) and isinstance(q4, Int4Linear)
+        x1 = torch.randn(1, k, generator=gen).to(device, torch.bfloat16)
+        xm = torch.randn(512, k, generator=gen).to(device, torch.bfloat16)
+        fns: dict[str, Callable[[], Any]] = {
+            "1 row bf16": lambda: F.linear(x1, w),  # noqa: B023 - called right here
+            "1 row int8": lambda: q8(x1),  # noqa: B023
+            "1 row int4": lambda: q4(x1),  # noqa: B023
+            "512 rows bf16": lambda: F.linear(xm, w),  # noqa: B023
+            "512 rows int8 layer": lambda: q8(xm),  # noqa: B023
+            "512 rows int4 layer": lambda: q4(xm),  # noqa: B023
+        }
+        if K.available(device):
+            fns["512 rows int4_gemm"] = lambda: K.int4_gemm(xm, q4.weight_packed, q4.scales, None, 32)  # noqa: B023
+            fns["512 rows int8_gemm"] = lambda: K.int8_gemm(xm, q8.weight_int8, q8.scales)  # noqa: B023
         with torch.inference_mode():
-            t = {
-                "bf16": time_fn(lambda: F.linear(x, wb), device, reps),  # noqa: B023 - called right here
-                "int8": time_fn(lambda: q8(x), device, reps),  # noqa: B023
-                "int4 g32": time_fn(lambda: q4(x), device, reps),  # noqa: B023
-            }
-        out.append({"N": n, "K": k, **{f"{key}_us": v * 1e6 for key, v in t.items()}})
+            row = {"shapes": label, "N": n, "K": k}
+            row.update({f"{key} us": time_fn(fn, device, reps) * 1e6 for key, fn in fns.items()})
+        out.append(row)
     return out
 
 
@@ -192,16 +408,24 @@ def random_model(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, see
     return model.eval()
 
 
-def decode_models(base: GPT, schemes: list[str]) -> dict[str, GPT]:
-    """The bf16 base model and its packed conversions."""
-    models = {}
-    for name in schemes:
-        qcfg = DECODE_SCHEMES[name]
-        models[name] = base if qcfg is None else api.convert(copy.deepcopy(base), qcfg).eval()  # type: ignore[misc]
-    return models
+def _swap_block_linears(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module]) -> nn.Module:
+    """Replace every bias-free ``nn.Linear`` under ``model.blocks`` with ``make(name, linear)``."""
+    blocks = model.get_submodule("blocks")
+    targets = [(n, m) for n, m in blocks.named_modules() if isinstance(m, nn.Linear)]
+    for name, lin in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(blocks.get_submodule(parent_name) if parent_name else blocks, child, make(f"blocks.{name}", lin))
+    return model
 
 
-def weight_bytes(model: GPT) -> int:
+def pack_blocks(model: GPT, spec: LayerSpec) -> GPT:
+    """The block linears packed with ``spec`` (round to nearest; what ``mode=ptq`` rtn stores)."""
+    cls = Int8Linear if spec.bits == 8 else Int4Linear
+    _swap_block_linears(model, lambda name, lin: cls.from_float(lin.weight.detach(), spec, name=name))
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
     """Bytes of (stored) weights one decode step reads: linears, norms, one embedding row."""
     total = 0
     for m in model.modules():
@@ -209,113 +433,59 @@ def weight_bytes(model: GPT) -> int:
             total += sum(b.numel() * b.element_size() for b in m.buffers())
         elif isinstance(m, (nn.Linear, nn.RMSNorm)):
             total += m.weight.numel() * m.weight.element_size()
-    emb = model.tok_emb
+    emb = getattr(model, "tok_emb", None)
     if isinstance(emb, nn.Embedding):
         total += emb.weight.shape[1] * emb.weight.element_size()
     return total
 
 
-def static_decode_step(
-    model: GPT, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, positions: torch.Tensor
-) -> torch.Tensor:
-    """One decode step with static shapes, so a CUDA graph can capture it.
+class EagerDecoder:
+    """``GreedyDecoder``'s loop: prefill with the model's cached path, then ``GPT.decode_step``."""
 
-    Same math as ``model(tok, cache, pos)`` (the model's own cached path), but the position
-    is a 1-element tensor, the new key/value are written with ``index_copy_``, and attention
-    runs over the whole cache with a mask ``positions <= pos``.
-
-    Args:
-        model: the GPT (any scheme).
-        tok: ``(1, 1)`` token ids.
-        pos: ``(1,)`` int64 position of ``tok``.
-        cache: the KV cache (filled up to ``pos - 1``).
-        positions: ``arange(block_size)`` on the device.
-
-    Returns:
-        Logits ``(1, vocab)``.
-    """
-    x = model.tok_emb(tok)  # (1, 1, C)
-    rot = model.get_buffer("rope").index_select(0, pos)  # (1, D/2)
-    mask = (positions <= pos).view(1, 1, 1, -1)  # (1, 1, 1, T_max)
-    for i, block in enumerate(model.blocks):
-        attn = block.attn  # type: ignore[union-attr]
-        qkv = attn.qkv(block.attn_norm(x)).view(1, 1, 3, attn.n_head, attn.head_dim)  # type: ignore[union-attr]
-        q, k = apply_rope(qkv[:, :, :2], rot).permute(2, 0, 3, 1, 4)  # (1, H, 1, D) each
-        v = qkv[:, :, 2].transpose(1, 2)
-        cache.k[i].index_copy_(2, pos, k)
-        cache.v[i].index_copy_(2, pos, v)
-        y = F.scaled_dot_product_attention(q, cache.k[i], cache.v[i], attn_mask=mask)
-        x = x + attn.out(y.transpose(1, 2).reshape(1, 1, -1))  # type: ignore[union-attr]
-        x = x + block.mlp(block.mlp_norm(x))  # type: ignore[union-attr]
-    return model.lm_head(model.norm(x))[:, -1]
-
-
-class StaticDecoder:
-    """Greedy decoding through :func:`static_decode_step`, optionally replayed as a CUDA graph."""
-
-    def __init__(self, model: GPT, prompt: torch.Tensor, use_graph: bool) -> None:
-        dev = next(model.parameters()).device
-        self.model, self.device, self.prompt = model, dev, prompt.to(dev)
+    def __init__(self, model: GPT, prompt: torch.Tensor) -> None:
+        self.model, dev = model, next(model.parameters()).device
+        self.prompt = prompt.to(dev)
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.cache = KVCache.empty(model.cfg, 1, dev, dtype)
-        self.positions = torch.arange(model.cfg.block_size, device=dev)
-        self.tok = torch.zeros(1, 1, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.graph: Any = None
         self.reset()
-        if use_graph:
-            self._capture()
 
     def reset(self) -> None:
-        """Prefill the prompt (the model's own path) and point at the next position."""
-        logits = self.model(self.prompt, self.cache, 0)[:, -1]
-        self.tok.copy_(logits.argmax(-1, keepdim=True))
-        self.pos.fill_(self.prompt.shape[1])
-
-    def _eager_step(self) -> None:
-        logits = static_decode_step(self.model, self.tok, self.pos, self.cache, self.positions)
-        self.tok.copy_(logits.argmax(-1, keepdim=True))
-        self.pos.add_(1)
-
-    def _capture(self) -> None:
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # builds the kernels' caches outside the capture
-                self._eager_step()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._eager_step()
-        self.reset()
+        """Start again from the prompt."""
+        self.pos = self.prompt.shape[1]
+        self.logits = self.model(self.prompt, self.cache, 0)[:, -1]
 
     def step(self) -> torch.Tensor:
-        """Advance one token; returns the (device) token tensor holding it."""
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._eager_step()
-        return self.tok
+        """Append the argmax token; returns it."""
+        nxt = self.logits.argmax(-1, keepdim=True)
+        self.logits = self.model.decode_step(nxt, self.cache, self.pos)
+        self.pos += 1
+        return nxt
 
 
-def static_logit_error(model: GPT, prompt: torch.Tensor, steps: int) -> float:
-    """Max |static - cached| logit difference over ``steps`` teacher-forced steps, relative to max |logit|.
+class StaticDecoder(FastDecoder):
+    """:class:`~qtrain.fastdecode.FastDecoder` with ``use_graph`` deciding compile and graph."""
 
-    Both paths are fed the same tokens (the cached path's greedy choices), each with its own cache.
+    def __init__(
+        self, model: GPT, prompt: torch.Tensor, use_graph: bool, max_len: int | None = None, int4: str = "tinygemm"
+    ) -> None:
+        super().__init__(model, prompt, max_len=max_len, compile=use_graph, graph=use_graph, int4=int4)
+
+
+def static_logit_error(model: GPT, prompt: torch.Tensor, steps: int, dec: FastDecoder | None = None) -> float:
+    """Max |static - eager| logit difference over ``steps`` teacher-forced steps, relative to max |logit|.
+
+    Both are fed the eager path's greedy tokens (the static decoder's ``tok`` buffer is
+    overwritten before each step). ``dec``: a built decoder (default: an eager one).
     """
-    dev = next(model.parameters()).device
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    prompt = prompt.to(dev)
-    c1, c2 = KVCache.empty(model.cfg, 1, dev, dtype), KVCache.empty(model.cfg, 1, dev, dtype)
-    ref = model(prompt, c1, 0)[:, -1]
-    model(prompt, c2, 0)
-    positions = torch.arange(model.cfg.block_size, device=dev)
+    eager = EagerDecoder(model, prompt)
+    dec = dec or FastDecoder(model, prompt, max_len=prompt.shape[1] + steps + 1, compile=False, graph=False)
+    dec.reset()
     worst = 0.0
-    for i in range(steps):
-        tok = ref.argmax(-1, keepdim=True)
-        pos = prompt.shape[1] + i
-        ref = model(tok, c1, pos)[:, -1].float()
-        got = static_decode_step(model, tok, torch.tensor([pos], device=dev), c2, positions).float()
+    for _ in range(steps):
+        tok = eager.step()
+        dec.tok.copy_(tok)
+        dec.step()
+        ref, got = eager.logits.float(), dec.logits.float()
         worst = max(worst, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12)))
     return worst
 
@@ -343,101 +513,274 @@ def device_copy_bandwidth(device: torch.device, mbytes: int = 1024) -> float:
     return 2 * x.numel() * 4 / t / 1e9
 
 
-def bench_decode(
-    cfg: ModelConfig, device: torch.device, schemes: list[str], n_tokens: int, prefill: int, use_graph: bool
-) -> dict[str, Any]:
-    """Eager and graph decode, prefill and bandwidth bound per scheme."""
-    base = random_model(cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    models = decode_models(base, schemes)
-    bw = device_copy_bandwidth(device, 1024 if device.type == "cuda" else 16)
-    prompt = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    x = torch.randint(0, cfg.vocab_size, (1, prefill), generator=torch.Generator().manual_seed(1)).to(device)
-    rows = []
+def _static_decode(model: GPT, prompt: torch.Tensor, n_tokens: int, use_graph: bool, int4: str) -> dict[str, Any]:
+    """Build (compile, capture) and time :class:`FastDecoder`; a failed graph falls back to no graph."""
+    dev, row, max_len = next(model.parameters()).device, {}, 16 + n_tokens + 8
+    t0 = time.perf_counter()
+    try:
+        static = StaticDecoder(model, prompt, use_graph, max_len=max_len, int4=int4)
+    except Exception as err:  # noqa: BLE001 - the graph failed: measure the compiled step without it
+        if not use_graph:
+            raise
+        row["graph_error"] = short_error(err)
+        static = FastDecoder(model, prompt, max_len=max_len, compile=True, graph=False, int4=int4)
+    sync(dev)
+    row["compile_capture_s"] = time.perf_counter() - t0
+    row["static_uses_graph"] = static.graph is not None
+    row["static_tokens_per_s"] = tokens_per_s(static.step, static.reset, n_tokens, 2, dev)
+    row["static_logit_error"] = static_logit_error(model, prompt, 8, static)
+    return row
+
+
+def decode_one(base: GPT, name: str, n_tokens: int, use_graph: bool, bw: float) -> dict[str, Any]:
+    """Eager and static/graph decode of one scheme (packed from ``base``); a failure of the
+    static part is reported in ``static_error`` next to the eager numbers."""
+    import copy
+
+    spec = DECODE_SCHEMES[name]
+    model = base if spec is None else pack_blocks(copy.deepcopy(base), spec)
+    dev = next(base.parameters()).device
+    prompt = torch.randint(0, base.cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    row: dict[str, Any] = {"scheme": name, "dtype": str(base.tok_emb.weight.dtype).replace("torch.", "")}
+    row["weight_bytes"] = weight_bytes(model)
+    row["bound_tokens_per_s"] = bw * 1e9 / row["weight_bytes"]
     with torch.inference_mode():
-        for name, model in models.items():
-            eager = GreedyDecoder(model, prompt)
-            label = name if name != "bf16" or base.tok_emb.weight.dtype == torch.bfloat16 else "fp32"
-            row: dict[str, Any] = {"scheme": label, "weight_bytes": weight_bytes(model)}
-            row["eager_tokens_per_s"] = tokens_per_s(eager.step, eager.reset, n_tokens, 2, device)
-            static = StaticDecoder(model, prompt, use_graph)
-            row["static_tokens_per_s"] = tokens_per_s(static.step, static.reset, n_tokens, 2, device)
-            row["static_uses_graph"] = static.graph is not None
-            row["static_logit_error"] = static_logit_error(model, prompt, 8)
-            row["bound_tokens_per_s"] = bw * 1e9 / row["weight_bytes"]
-            row["prefill_tokens_per_s"] = prefill / time_fn(lambda: model(x), device, reps=5)  # noqa: B023
-            rows.append(row)
-            del eager, static
-    return {"copy_bandwidth_gbs": bw, "decode_tokens": n_tokens, "prefill_tokens": prefill, "rows": rows}
+        eager = EagerDecoder(model, prompt)
+        row["eager_tokens_per_s"] = tokens_per_s(eager.step, eager.reset, n_tokens, 2, dev)
+        del eager
+        try:
+            row.update(
+                _static_decode(model, prompt, n_tokens, use_graph, "inductor" if "inductor" in name else "tinygemm")
+            )
+            row["static_fraction_of_bound"] = row["static_tokens_per_s"] / row["bound_tokens_per_s"]
+        except Exception as err:  # noqa: BLE001 - keep the eager numbers
+            row["static_error"] = short_error(err)
+    return row
+
+
+def bench_decode(
+    cfg: ModelConfig,
+    device: torch.device,
+    schemes: list[str],
+    n_tokens: int,
+    use_graph: bool,
+    budget: Budget,
+    results: Results,
+) -> None:
+    """Decode rows per scheme into ``results.data["decode"]`` (saved after each)."""
+    base = random_model(cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    bw = device_copy_bandwidth(device, 1024 if device.type == "cuda" else 16)
+    sec: dict[str, Any] = {"copy_bandwidth_gbs": bw, "decode_tokens": n_tokens, "rows": []}
+    results.data["decode"] = sec
+    for name in schemes:
+        if not budget.allow(f"decode {name}", 45 if use_graph else 1):
+            continue
+        try:
+            row = decode_one(base, name, n_tokens, use_graph, bw)
+        except Exception as err:  # noqa: BLE001 - report it, go on
+            row = {"scheme": name, "error": short_error(err)}
+        sec["rows"].append(row)
+        results.save()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    ref = next((r for r in sec["rows"] if r["scheme"] == "bf16" and "error" not in r), None)
+    for r in sec["rows"]:
+        if ref and "eager_tokens_per_s" in r:
+            r["eager_vs_bf16"] = r["eager_tokens_per_s"] / ref["eager_tokens_per_s"]
+        if ref and "static_tokens_per_s" in r and "static_tokens_per_s" in ref:
+            r["static_vs_bf16"] = r["static_tokens_per_s"] / ref["static_tokens_per_s"]
+    results.save()
+
+
+def bench_prefill(cfg: ModelConfig, device: torch.device, lengths: list[int], budget: Budget, results: Results) -> None:
+    """Prefill tokens/s per scheme and length (dequantize-in-GEMM), plus the layers' own path."""
+    import copy
+
+    base = random_model(cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32, seed=1)
+    rows: list[dict[str, Any]] = []
+    results.data["prefill"] = rows
+    gen = torch.Generator().manual_seed(1)
+    xs = {n: torch.randint(0, cfg.vocab_size, (1, n), generator=gen).to(device) for n in lengths}
+    for name, spec in PREFILL_SCHEMES.items():
+        if not budget.allow(f"prefill {name}", 10):
+            continue
+        try:
+            model = base if spec is None else pack_blocks(copy.deepcopy(base), spec)
+            row: dict[str, Any] = {"scheme": name}
+            with torch.inference_mode():
+                if spec is not None:
+                    own = lengths[0]
+                    row[f"own_path_{own}_tokens_per_s"] = own / time_fn(lambda: model(xs[own]), device, reps=3)  # noqa: B023
+                    swap_for_prefill(model)
+                for n in lengths:
+                    row[f"{n}_tokens_per_s"] = n / time_fn(lambda: model(xs[n]), device, reps=5)  # noqa: B023
+        except Exception as err:  # noqa: BLE001 - report it, go on
+            row = {"scheme": name, "error": short_error(err)}
+        rows.append(row)
+        results.save()
+    ref = next((r for r in rows if r["scheme"] == "bf16" and "error" not in r), None)
+    for r in rows:
+        for n in lengths:
+            if ref and f"{n}_tokens_per_s" in r:
+                r[f"{n}_time_vs_bf16"] = ref[f"{n}_tokens_per_s"] / r[f"{n}_tokens_per_s"]
+    results.save()
 
 
 # ---------------------------------------------------------------- 4. QAT step
 
 
+class GQABlock(nn.Module):
+    """A Llama-3 block from plain linears: RMSNorm, GQA attention with rotary, SwiGLU."""
+
+    def __init__(self, cfg: StackConfig) -> None:
+        super().__init__()
+        c, self.h, self.kv, self.d = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+        self.attn_norm, self.mlp_norm = nn.RMSNorm(c, eps=1e-5), nn.RMSNorm(c, eps=1e-5)
+        self.qkv = nn.Linear(c, c + 2 * self.kv * self.d, bias=False)
+        self.out = nn.Linear(c, c, bias=False)
+        self.gate_up = nn.Linear(c, 2 * cfg.mlp_hidden, bias=False)
+        self.down = nn.Linear(cfg.mlp_hidden, c, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.attn_norm(x)).split([c, self.kv * self.d, self.kv * self.d], dim=-1)
+        q = rotate_pairs(q.reshape(b * t, self.h, self.d), cos, sin).to(v.dtype).view(b, t, self.h, self.d)
+        k = rotate_pairs(k.reshape(b * t, self.kv, self.d), cos, sin).to(v.dtype).view(b, t, self.kv, self.d)
+        v = v.view(b, t, self.kv, self.d)
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        )
+        x = x + self.out(y.transpose(1, 2).reshape(b, t, c))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+class GQAStack(nn.Module):
+    """``n_layer`` :class:`GQABlock` on ``(B, T, C)`` inputs (no embedding or head)."""
+
+    def __init__(self, cfg: StackConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.blocks = nn.ModuleList(GQABlock(cfg) for _ in range(cfg.n_layer))
+        d = cfg.n_embd // cfg.n_head
+        inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        ang = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv)
+        self.register_buffer("cos", ang.cos(), persistent=False)
+        self.register_buffer("sin", ang.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        cos = self.get_buffer("cos")[:t].repeat(b, 1)  # (B*T, D/2): rows of the flattened tokens
+        sin = self.get_buffer("sin")[:t].repeat(b, 1)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return x
+
+
+COMPILED_ARM_WEIGHT = 4
+"""A compiled QAT arm's share of the time left, relative to an eager arm's."""
+QAT_COMPILE_MODES = ("regional", "model", "model-cudagraphs", "model-max-autotune")
+QAT_COMPILE = {"mode": "regional"}
+"""How a compiled arm (``compile=True``) compiles: each block with ``fullgraph=True`` (regional),
+the whole loss function (model), that with ``mode="reduce-overhead"`` (forward and backward
+replayed as CUDA graphs: no launch overhead), or with ``mode="max-autotune-no-cudagraphs"``
+(Triton GEMM templates, which can fuse the fake-quant into the matmul prologue; long compile).
+``--qat-compile`` takes a comma-separated list: one set of compiled arms per mode."""
+
+
+class QATStep:
+    """One training step as ``mode=qat`` wants it on a GPU: bf16 autocast, fused AdamW,
+    fake-quant block linears, optionally compiled (:data:`QAT_COMPILE`)."""
+
+    def __init__(self, model: nn.Module, batch: int, seq: int, device: torch.device, compiled: bool | str) -> None:
+        self.model, self.device = model.to(device).train(), device
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
+        gen = torch.Generator().manual_seed(0)
+        if isinstance(model, GPT):
+            v = model.cfg.vocab_size
+            self.x = torch.randint(0, v, (batch, seq), generator=gen).to(device)
+            self.y = torch.randint(0, v, (batch, seq), generator=gen).to(device)
+        else:
+            width = model.get_submodule("blocks.0.out").in_features
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # autocast on CUDA only
+            self.x = torch.randn(batch, seq, width, generator=gen).to(device, dtype)
+            self.y = torch.empty(0)
+        self.loss: Callable[[], torch.Tensor] = self._loss
+        mode = compiled if isinstance(compiled, str) else QAT_COMPILE["mode"]
+        if compiled and mode == "regional":
+            for block in model.get_submodule("blocks"):
+                block.compile(fullgraph=True)
+        elif compiled:
+            modes = {"model": "default", "model-cudagraphs": "reduce-overhead"}
+            self.loss = torch.compile(self._loss, mode=modes.get(mode, "max-autotune-no-cudagraphs"))
+
+    def _loss(self) -> torch.Tensor:
+        """Cross-entropy (GPT) or mean square of the output (stack)."""
+        out = self.model(self.x)
+        if isinstance(self.model, GPT):
+            return F.cross_entropy(out.view(-1, out.size(-1)).float(), self.y.reshape(-1))
+        return out.float().pow(2).mean()
+
+    def train_step(self) -> float:
+        """Forward, backward, optimizer step; returns nothing useful (no host sync)."""
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        with ctx:
+            loss = self.loss()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return 0.0
+
+
 def qat_trainer(
-    cfg: ModelConfig, qcfg: QuantConfig | None, batch: int, device: torch.device, compiled: bool
-) -> Trainer:
-    """A Trainer as `mode=train` / `mode=qat` build it (bf16 autocast on CUDA)."""
-    corpus = load_corpus(DataConfig(), cfg.block_size)
-    model = GPT(cfg)
-    model.init_weights(0)
-    tcfg = TrainConfig(max_steps=10**6, batch_size=batch, warmup_steps=5, eval_every=0, save_every=0)
-    hooks, groups = Hooks(), None
-    if qcfg is not None:
-        api.prepare(model, qcfg)
-        run_cfg = RunConfig(model=cfg, quant=qcfg, train=tcfg, qat=QATConfig())
-        hooks.before_step.append(schedule_callback(run_cfg))  # type: ignore[arg-type]
-        groups = qat_param_groups(model, run_cfg)
-    model.to(device).train()
-    sampler = BatchSampler(corpus.train, cfg.block_size, batch, 0)
-    return Trainer(model, tcfg, sampler, device, hooks=hooks, param_groups=groups, compile_model=compiled)
-
-
-class ArmTimeout(Exception):
-    """An arm ran past its time limit."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Raise :class:`ArmTimeout` in the main thread after ``seconds`` (POSIX; no-op elsewhere)."""
-    if seconds <= 0 or not hasattr(signal, "setitimer"):
-        yield
-        return
-
-    def alarm(*_: Any) -> None:
-        raise ArmTimeout(f"over its {seconds:.0f} s limit")
-
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+    cfg: ModelConfig | StackConfig, spec: LayerSpec | None, batch: int, device: torch.device, compiled: bool | str
+) -> QATStep:
+    """A :class:`QATStep` for the GPT of ``cfg`` (or the GQA stack), fake-quantized with ``spec``."""
+    torch.manual_seed(0)
+    if isinstance(cfg, StackConfig):
+        with torch.device(device):  # 0.4B parameters: made, initialised and fake-quantized on the device
+            model: nn.Module = GQAStack(cfg)
+            for p in model.parameters():
+                if p.dim() == 2:
+                    nn.init.normal_(p, 0.0, 0.02)
+    else:
+        gpt = GPT(cfg)
+        gpt.init_weights(0)
+        model = gpt
+    if spec is not None:
+        _swap_block_linears(model, lambda name, lin: FakeQuantLinear.from_linear(lin, spec, name=name))
+    return QATStep(model, batch, cfg.block_size, device, compiled)
 
 
 def bench_qat(
-    cfg: ModelConfig,
+    cfg: ModelConfig | StackConfig,
     device: torch.device,
     batch: int,
     steps: int,
-    compile_modes: list[bool],
+    compile_modes: list[bool] | list[bool | str],
     arm_limit_s: float = 0,
     deadline: float | None = None,
+    schemes: tuple[str, ...] = ("fp", "int4 g32"),
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict]:
-    """Median step time of fp and int4 g32 QAT, eager and compiled; ratio to fp in the same mode.
+    """Median step time per scheme, eager and compiled; ratio to fp in the same mode.
 
     Each arm (compilation included) gets ``arm_limit_s`` seconds (0: no limit), and no more
-    than its share of the time left before ``deadline`` (a ``time.perf_counter()`` value); one
+    than its share of the time left before ``deadline`` (a ``time.perf_counter()`` value; a
+    compiled arm's share is :data:`COMPILED_ARM_WEIGHT` times an eager one's); one
     that runs over, or fails, is reported with its error instead of stopping the check.
+    ``on_row`` is called with each finished row (incremental saving).
     """
     rows = []
-    arms = [(c, n, q) for c in compile_modes for n, q in (("fp", None), ("int4 g32", QuantConfig("int4", 32)))]
-    times: dict[tuple[bool, str], float] = {}
-    for i, (compiled, name, qcfg) in enumerate(arms):
-        row: dict[str, Any] = {"arm": name, "compile": compiled}
+    arms = [(c, n) for c in compile_modes for n in schemes]
+    times: dict[tuple[bool | str, str], float] = {}
+    for i, (compiled, name) in enumerate(arms):
+        row: dict[str, Any] = {"model": getattr(cfg, "name", ""), "arm": name, "compile": compiled}
         limit = arm_limit_s
         if deadline is not None:
-            share = (deadline - time.perf_counter()) / (len(arms) - i)
+            weights = [COMPILED_ARM_WEIGHT if c else 1 for c, _ in arms[i:]]  # compiling takes longer
+            share = (deadline - time.perf_counter()) * weights[0] / sum(weights)
             limit = min(limit, share) if limit > 0 else share
             if limit < 5:
                 row["error"] = "skipped: over the time budget"
@@ -445,32 +788,61 @@ def bench_qat(
                 continue
         try:
             with time_limit(limit):
-                trainer = qat_trainer(cfg, qcfg, batch, device, compiled)
+                trainer = qat_trainer(cfg, QAT_SCHEMES.get(name, KERNEL_SPECS.get(name)), batch, device, compiled)
                 t0 = time.perf_counter()
                 for _ in range(3):  # warm-up (and compilation)
                     trainer.train_step()
+                sync(device)
                 row["warmup_s"] = time.perf_counter() - t0
                 times[compiled, name] = time_fn(trainer.train_step, device, reps=steps, warmup=0)
             row["step_ms"] = times[compiled, name] * 1e3
             fp = times.get((compiled, "fp"))
             row["ratio_vs_fp"] = times[compiled, name] / fp if fp else None
         except Exception as err:  # noqa: BLE001 - report it in the table, keep checking
-            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}"
+            row["error"] = short_error(err, 120)
         rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        with contextlib.suppress(NameError):
+            del trainer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
 # ---------------------------------------------------------------- main
 
 
+def _fmt(v: Any, spec: str = ".0f") -> str:
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def _decode_text(r: dict[str, Any], gbs: float) -> str:
+    """One decode row of the table."""
+    text = f"eager {r['eager_tokens_per_s']:.0f} tok/s ({_fmt(r.get('eager_vs_bf16'), '.2f')}x bf16), "
+    if "static_error" in r:
+        return text + f"[red]static step failed: {r['static_error']}[/red]"
+    text += (
+        f"{'graph' if r['static_uses_graph'] else 'static'} {r['static_tokens_per_s']:.0f} tok/s "
+        f"({_fmt(r.get('static_vs_bf16'), '.2f')}x bf16, {100 * r['static_fraction_of_bound']:.0f}% of bound "
+        f"{r['bound_tokens_per_s']:.0f} at {gbs:.0f} GB/s); compile+capture "
+        f"{r['compile_capture_s']:.0f} s; logit error {r['static_logit_error']:.1e}"
+    )
+    if r.get("graph_error"):
+        text += f" [red](no graph: {r['graph_error']})[/red]"
+    return text
+
+
 def show(result: dict[str, Any]) -> None:
-    """Print the report: kernel summary, layer timings, decode/prefill, QAT."""
-    failed = [r for r in result["kernels"] if not r["ok"]]
-    t = Table(title=f"gpu_check on {result['device_name']} (torch {result['torch']})")
+    """Print the report (the README's table)."""
+    t = Table(
+        title=f"gpu_check on {result['device_name']} (torch {result['torch']}, Triton kernels "
+        f"{result.get('triton_kernels', '?')})"
+    )
     for col in ("section", "item", "result"):
         t.add_column(col)
     by_kernel: dict[str, list[dict[str, Any]]] = {}
-    for r in result["kernels"]:
+    for r in result.get("kernels", []):
         by_kernel.setdefault(r["kernel"], []).append(r)
     for name, rs in by_kernel.items():
         bad = [r for r in rs if not r["ok"]]
@@ -478,96 +850,144 @@ def show(result: dict[str, Any]) -> None:
         text = f"{len(rs) - len(bad)}/{len(rs)} ok, worst error {worst:.2f} of bound"
         t.add_row("kernel vs reference", name, text if not bad else f"[red]{text}[/red]")
     for r in result.get("layers", []):
-        t.add_row("layer time, 1 row", f"N={r['N']} K={r['K']}",
-                  "  ".join(f"{k[:-3]} {v:.1f} us" for k, v in r.items() if k.endswith("_us")))
-    if result.get("decode_error"):
-        t.add_row("decode / prefill", "failed", f"[red]{result['decode_error']}[/red]")
-    dec = result.get("decode")
-    if dec:
-        for r in dec["rows"]:
-            t.add_row(
-                "decode / prefill",
-                r["scheme"],
-                f"eager {r['eager_tokens_per_s']:.0f} tok/s, {'graph' if r['static_uses_graph'] else 'static'} "
-                f"{r['static_tokens_per_s']:.0f} tok/s (logit error {r['static_logit_error']:.1e}), "
-                f"bound {r['bound_tokens_per_s']:.0f} tok/s ({dec['copy_bandwidth_gbs']:.0f} GB/s), "
-                f"prefill {dec['prefill_tokens']} tok: {r['prefill_tokens_per_s']:,.0f} tok/s",
-            )
+        t.add_row(
+            f"layer time ({r['shapes']})",
+            f"N={r['N']} K={r['K']}",
+            "  ".join(f"{k[:-3]} {v:.0f}" for k, v in r.items() if k.endswith(" us")) + " (us)",
+        )
+    dec = result.get("decode") or {}
+    for r in dec.get("rows", []):
+        t.add_row("decode", r["scheme"], r.get("error") or _decode_text(r, dec["copy_bandwidth_gbs"]))
+    for r in result.get("prefill", []):
+        parts = [
+            f"{k.split('_')[0]} tok: {v:,.0f} tok/s ({_fmt(r.get(k.split('_')[0] + '_time_vs_bf16'), '.2f')}x bf16)"
+            for k, v in r.items()
+            if k[0].isdigit() and k.endswith("tokens_per_s")
+        ]
+        own = [f"own path {v:,.0f} tok/s" for k, v in r.items() if k.startswith("own_path")]
+        t.add_row("prefill", r["scheme"], r.get("error") or ", ".join(parts + own))
     for r in result.get("qat", []):
         text = r.get("error") or (
-            f"{r['step_ms']:.1f} ms/step" + (f", {r['ratio_vs_fp']:.2f}x fp" if r.get("ratio_vs_fp") else "")
+            f"{r['step_ms']:.1f} ms/step"
+            + (f", {r['ratio_vs_fp']:.2f}x fp" if r.get("ratio_vs_fp") else "")
             + f" (warm-up {r['warmup_s']:.1f} s)"
         )
-        t.add_row("QAT step", f"{r['arm']} {'compiled' if r['compile'] else 'eager'}", text)
+        how = "eager" if not r["compile"] else "compiled" if r["compile"] is True else f"compiled {r['compile']}"
+        t.add_row(f"QAT step {r['model']}", f"{r['arm']} {how}", text)
     for note in result.get("skipped", []):
-        t.add_row("skipped", note, "over the time budget")
-    t.add_row("total", "", f"{result['elapsed_s']:.0f} s, {len(failed)} kernel check(s) failed")
+        t.add_row("skipped", "", note)
+    t.add_row(
+        "total", "", f"{result.get('elapsed_s', 0):.0f} s, {result.get('kernel_failures', 0)} kernel check(s) failed"
+    )
     console.print(t)
 
 
+def run_kernels(device: torch.device, dry: bool, result: dict[str, Any]) -> None:
+    """Section 1."""
+    cfg = MODEL_DRY if dry else MODEL_1B
+    result["kernels"] = check_kernels(device, layer_shapes(cfg), [1, 65] if dry else [1, 16, 17, 64, 65, 512])
+    result["kernels"] += check_triton_kernels(device, layer_shapes(cfg), [65] if dry else [65, 512])
+    if not dry:
+        result["layers"] = time_layers(device, layer_shapes(cfg)[:4], 20, "1b")
+        result["layers"] += time_layers(device, stack_shapes(STACK_8B), 20, "8b")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run every section within the time budget; returns the JSON-able result."""
+    """Run the selected sections within the budget; returns the JSON-able result."""
     device = torch.device(args.device)
     dry = device.type == "cpu"
-    t0 = time.perf_counter()
-    cfg = MODEL_DRY if dry else MODEL_1B
-    result: dict[str, Any] = {
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    data: dict[str, Any] = {
         "torch": torch.__version__,
-        "device_name": torch.cuda.get_device_name(device) if not dry else "cpu (dry run)",
+        "args": vars(args),
         "skipped": [],
+        "device_name": torch.cuda.get_device_name(device) if not dry else "cpu (dry run)",
+        "triton_kernels": K.why_unavailable(device) or "available",
     }
-    result["kernels"] = check_kernels(device, layer_shapes(cfg), [1, 16, 17, 64, 65, 512] if not dry else [1, 65])
-    if not dry:
-        result["layers"] = time_layers(device, layer_shapes(cfg)[:4], reps=50)
-
-    def within_budget(section: str) -> bool:
-        if time.perf_counter() - t0 < args.budget_s:
-            return True
-        result["skipped"].append(section)
-        return False
-
-    if within_budget("decode/prefill"):
-        schemes = list(DECODE_SCHEMES) if args.all_schemes else ["bf16", "int8", "int4 g32"]
-        try:
-            result["decode"] = bench_decode(cfg, device, schemes, args.tokens if not dry else 4,
-                                            512 if not dry else 32, use_graph=not dry)
-        except Exception as err:  # noqa: BLE001 - report it, go on to the QAT section
-            result["decode_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-        if not dry:
-            torch.cuda.empty_cache()
-    if within_budget("QAT step"):
-        qcfg = MODEL_SMALL if not dry else MODEL_DRY
-        result["qat"] = bench_qat(qcfg, device, args.qat_batch if not dry else 2, args.qat_steps if not dry else 1,
-                                  [False, True] if not dry else [False], arm_limit_s=args.arm_limit_s,
-                                  deadline=t0 + args.total_s)
-    result["elapsed_s"] = time.perf_counter() - t0
-    result["kernel_failures"] = sum(not r["ok"] for r in result["kernels"])
-    return result
+    results = Results(args.out, data)
+    budget = Budget(args.budget_s, data["skipped"])
+    sections = args.sections.split(",")
+    if "kernels" in sections:
+        run_kernels(device, dry, data)
+        data["kernel_failures"] = sum(not r["ok"] for r in data["kernels"])
+        results.save()
+    if "prefill" in sections:  # before decode: cheap, and decode's compiles may use up the budget
+        bench_prefill(MODEL_DRY if dry else MODEL_1B, device, [32] if dry else [512, 2048], budget, results)
+    if "decode" in sections:
+        schemes = args.decode_schemes.split(",")
+        bench_decode(
+            MODEL_DRY if dry else MODEL_1B, device, schemes, 4 if dry else args.tokens, not dry, budget, results
+        )
+    data["qat"] = []
+    for sec, cfg, batch in (
+        ("qat-small", MODEL_DRY if dry else MODEL_SMALL, 2 if dry else args.qat_batch),
+        ("qat-8b", STACK_DRY if dry else STACK_8B, 2 if dry else args.stack_batch),
+    ):
+        if sec not in sections or not budget.allow(sec, 20):
+            continue
+        reserve = 0 if sec == "qat-8b" or "qat-8b" not in sections else budget.left() / 2
+        rows = bench_qat(
+            cfg,
+            device,
+            batch,
+            1 if dry else args.qat_steps,
+            [False]
+            if dry
+            else [False, *(args.qat_compile_small if sec == "qat-small" else args.qat_compile).split(",")],
+            args.arm_limit_s,
+            time.perf_counter() + budget.left() - reserve,
+            tuple(QAT_SCHEMES),
+            on_row=lambda r: (data["qat"].append(r), results.save()),
+        )
+        data["qat"] += [r for r in rows if r not in data["qat"]]
+    data["elapsed_s"] = time.perf_counter() - budget.t0
+    data["kernel_failures"] = sum(not r["ok"] for r in data.get("kernels", []))
+    results.save()
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit code (1 when a kernel check failed)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (dry run on a tiny model)")
-    ap.add_argument("--tokens", type=int, default=256, help="decode tokens per repeat")
-    ap.add_argument("--all-schemes", action="store_true", help="also decode int8da_int4w")
-    ap.add_argument("--qat-batch", type=int, default=16)
-    ap.add_argument("--qat-steps", type=int, default=20)
-    ap.add_argument("--budget-s", type=float, default=150.0, help="skip later sections once this much has passed")
-    ap.add_argument("--total-s", type=float, default=270.0, help="QAT arms share what is left of this")
-    ap.add_argument("--arm-limit-s", type=float, default=90.0,
-                    help="time limit of one QAT arm, torch.compile included (0: none)")
-    ap.add_argument("--out", default=None, help="write the result as JSON here")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--tokens", type=int, default=128, help="decode tokens per timed repeat")
+    ap.add_argument("--decode-schemes", default=",".join(DECODE_SCHEMES), help="comma-separated, run in this order")
+    ap.add_argument("--qat-batch", type=int, default=16, help="model=small batch (x 256 tokens)")
+    ap.add_argument("--stack-batch", type=int, default=8, help="8B-like stack batch (x 512 tokens)")
+    ap.add_argument("--qat-steps", type=int, default=10)
+    ap.add_argument("--budget-s", type=float, default=240.0, help="wall-clock budget; later parts are skipped")
+    ap.add_argument(
+        "--arm-limit-s", type=float, default=75.0, help="time limit of one QAT arm, torch.compile included (0: none)"
+    )
+    ap.add_argument(
+        "--qat-compile",
+        default="regional",
+        help=f"comma-separated compile modes of the QAT arms, from {','.join(QAT_COMPILE_MODES)}",
+    )
+    ap.add_argument("--qat-compile-small", default=None, help="the same for model=small (default: --qat-compile)")
+    ap.add_argument("--out", default=None, help="write the result as JSON here (after every part)")
     args = ap.parse_args(argv)
+    args.qat_compile_small = args.qat_compile_small or args.qat_compile
+    for flag, given, allowed in (
+        ("--sections", args.sections, SECTIONS),
+        ("--qat-compile", args.qat_compile, QAT_COMPILE_MODES),
+        ("--qat-compile-small", args.qat_compile_small, QAT_COMPILE_MODES),
+        ("--decode-schemes", args.decode_schemes, tuple(DECODE_SCHEMES)),
+    ):
+        bad = sorted(set(given.split(",")) - set(allowed))
+        if bad:
+            console.print(f"gpu_check: {flag} has unknown {bad}; choose from {list(allowed)}")
+            return 2
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        console.print("gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to check. "
-                      "Run it on a machine with a GPU, or use --device cpu for a dry run of its logic.")
+        console.print(
+            "gpu_check: no CUDA device here (torch.cuda.is_available() is False); nothing to check. "
+            "Run it on a machine with a GPU, or use --device cpu for a dry run of its logic."
+        )
         return 0
     result = run(args)
     show(result)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
         console.print(f"wrote {args.out}")
     return 1 if result["kernel_failures"] else 0
 

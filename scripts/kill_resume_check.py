@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from qtrain import checkpoint as ck
-from qtrain.runner import model_from_checkpoint
+from qtrain.modes.loading import model_from_checkpoint
 
 
 def command(args: argparse.Namespace, run_dir: Path) -> list[str]:

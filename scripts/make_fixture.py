@@ -38,7 +38,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(src, out)
     from qtrain.checkpoint import load_checkpoint
-    from qtrain.runner import model_from_checkpoint
+    from qtrain.modes.loading import model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(out, with_trainer=False), torch.device("cpu"))
     with torch.no_grad():

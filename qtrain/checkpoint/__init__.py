@@ -23,14 +23,16 @@ atomically; pruning happens only after that.
 Example:
     >>> path = save_checkpoint(run_dir / "checkpoints", 100, payload, keep=3)
     >>> ckpt = load_checkpoint(path)          # verified, migrated
-    >>> model = build_model(ckpt)             # GPT with ckpt.model_state loaded
+    >>> model = build_model(ckpt, torch.device("cpu"))  # GPT with ckpt.model_state loaded
 
 Modules, each depending only on those before it: ``format`` (names, limits, dtypes, payload
 types, the seal), ``write`` (fsynced files, atomic directories), ``schema`` (manifest
 values), ``manifest`` (read, unseal, migrate), ``consistency`` (tensors vs the described
 model, meta device), ``trainer_state``, ``load`` (verify, load, build the model), ``find``
-(step dirs, newest valid), ``save`` (publish, ``latest``, retention), ``schemes``
-(quantization in manifests), ``upgrade``. Their public names are all available here.
+(step dirs, newest valid), ``save`` (publish, ``latest``, retention), ``upgrade``. Their
+public names are all available here. The manifest's ``quant`` section is stored as the run
+wrote it; what it means (rebuilding the model it describes, comparing schemes, labels) is
+asked of :class:`qtrain.quant.recipe.QuantRecipe`.
 """
 
 from qtrain.checkpoint.consistency import build_skeleton, param_group_shapes  # noqa: F401
@@ -39,7 +41,6 @@ from qtrain.checkpoint.format import *  # noqa: F403
 from qtrain.checkpoint.load import *  # noqa: F403
 from qtrain.checkpoint.manifest import *  # noqa: F403
 from qtrain.checkpoint.save import *  # noqa: F403
-from qtrain.checkpoint.schemes import *  # noqa: F403
 from qtrain.checkpoint.trainer_state import validate_trainer_state  # noqa: F401
 from qtrain.checkpoint.upgrade import *  # noqa: F403
 from qtrain.checkpoint.write import *  # noqa: F403

@@ -22,13 +22,11 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from qtrain.checkpoint.format import DTYPES, MANIFEST, MODEL_FILE
-from qtrain.config import ModelConfig, QuantConfig, TrainConfig
+from qtrain.config import ModelConfig, TrainConfig
 from qtrain.errors import CheckpointError
 from qtrain.model import GPT
-from qtrain.quant import api
-from qtrain.quant.fake import FakeQuantLinear
-from qtrain.quant.packed import PackedLinear
-from qtrain.quant.primitives import code_range
+from qtrain.quant import scale_parameters
+from qtrain.quant.recipe import QuantRecipe
 from qtrain.train import default_param_groups
 
 _BLOCK = re.compile(r"^blocks\.([0-9]+)\.")
@@ -47,17 +45,9 @@ def build_skeleton(manifest: dict[str, Any], kernel: str = "auto") -> GPT:
     Raises:
         CheckpointError: the description cannot be built (names the manifest and why).
     """
-    quant = manifest.get("quant")
     try:
         model = GPT(ModelConfig(**manifest["model"]))
-        if quant and quant["state"] == "fake":
-            qcfg = QuantConfig(**quant["config"])
-            for name in api.target_layers(model, qcfg):
-                if name not in quant["layers"]:  # kept in full precision by a hook
-                    api.keep_full_precision(model.get_submodule(name))
-            api.prepare(model, qcfg, learn_scales=bool(quant.get("learn_scales")))
-        elif quant:
-            api.build_packed_skeleton(model, quant["layers"], kernel)
+        QuantRecipe.from_manifest(manifest.get("quant")).rebuild(model, kernel)  # unlisted targets: kept by a hook
     except (ValueError, RuntimeError, TypeError, KeyError, AttributeError, OverflowError) as err:
         raise CheckpointError(f"{MANIFEST}: the model it describes cannot be built: {str(err)[:500]}") from None
     return model
@@ -65,15 +55,8 @@ def build_skeleton(manifest: dict[str, Any], kernel: str = "auto") -> GPT:
 
 def _config_layers(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per-layer specs that `quant.config` implies for this model (layers absent stay full precision)."""
-    quant = manifest["quant"]
     with torch.device("meta"):
-        model = GPT(ModelConfig(**manifest["model"]))
-        qcfg = QuantConfig(**quant["config"])
-        for name in api.target_layers(model, qcfg):
-            if name not in quant["layers"]:
-                api.keep_full_precision(model.get_submodule(name))
-        api.prepare(model, qcfg)
-    return api.layer_specs(model)
+        return QuantRecipe.from_manifest(manifest["quant"]).expected_layers(GPT(ModelConfig(**manifest["model"])))
 
 
 def check_layer_specs(path: Path, manifest: dict[str, Any], model: GPT) -> None:
@@ -90,7 +73,7 @@ def check_layer_specs(path: Path, manifest: dict[str, Any], model: GPT) -> None:
         implied = _config_layers(manifest)
     except (ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path / MANIFEST}: quant.config does not fit the model: {str(err)[:300]}") from None
-    for source, want in (("the model built from it", api.layer_specs(model)), ("quant.config", implied)):
+    for source, want in (("the model built from it", QuantRecipe.layers_of(model)), ("quant.config", implied)):
         if want != stored:
             name = next((n for n in sorted(set(want) | set(stored)) if want.get(n) != stored.get(n)), "?")
             raise CheckpointError(
@@ -193,18 +176,20 @@ def check_qparams(path: Path, model: nn.Module, manifest: dict[str, Any]) -> Non
     """
     quant = manifest.get("quant") or {}
     learned = bool(quant.get("learn_scales")) and quant.get("state") == "fake"
-    mods = [(n, m) for n, m in model.named_modules() if isinstance(m, (PackedLinear, FakeQuantLinear))]
-    if not mods:
+    ranges = QuantRecipe.qparam_ranges(model)
+    if not ranges:
         return
     f = path / MODEL_FILE
     try:
         with safe_open(str(f), framework="pt", device="cpu") as st:
             keys = set(st.keys())
-            for name, mod in mods:
-                if f"{name}.scales" in keys:
-                    _check_scales(f, f"{name}.scales", st.get_tensor(f"{name}.scales"), learned)
-                if f"{name}.zeros" in keys:
-                    _check_zeros(f, f"{name}.zeros", st.get_tensor(f"{name}.zeros"), mod.spec.bits)
+            for name, code_range in ranges.items():
+                if name not in keys:
+                    continue
+                if code_range is None:
+                    _check_scales(f, name, st.get_tensor(name), learned)
+                else:
+                    _check_zeros(f, name, st.get_tensor(name), code_range)
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"{f}: unreadable safetensors file ({err})") from None
 
@@ -217,12 +202,12 @@ def _check_scales(f: Path, name: str, t: torch.Tensor, learned: bool) -> None:
         raise CheckpointError(f"{f}: '{name}' holds {int((t <= 0).sum())} scale(s) <= 0 (minimum {float(t.min())})")
 
 
-def _check_zeros(f: Path, name: str, t: torch.Tensor, bits: int) -> None:
-    lo, hi = code_range(bits)
+def _check_zeros(f: Path, name: str, t: torch.Tensor, code_range: tuple[str, int, int]) -> None:
+    width, lo, hi = code_range
     out = (t.long() < lo) | (t.long() > hi)
     if out.any():
         raise CheckpointError(
-            f"{f}: '{name}' holds {int(out.sum())} zero point(s) outside the int{bits} code range "
+            f"{f}: '{name}' holds {int(out.sum())} zero point(s) outside the {width} code range "
             f"{lo}..{hi} (e.g. {int(t.long()[out][0])})"
         )
 
@@ -231,9 +216,9 @@ def param_group_shapes(model: nn.Module) -> list[list[tuple[int, ...]]]:
     """Shapes of the parameters per optimizer group, in the order a trainer of this model has them.
 
     Mirrors `train.default_param_groups` (matrices, then vectors) and, for learned QAT scales,
-    `quant_modes.qat_param_groups` (scales last, in their own group).
+    `qtrain.modes.training.qat_param_groups` (scales last, in their own group).
     """
-    scales = api.scale_parameters(model)
+    scales = scale_parameters(model)
     ids = {id(p) for p in scales}
     groups = [[p for p in g["params"] if id(p) not in ids] for g in default_param_groups(model, TrainConfig())]
     if scales:

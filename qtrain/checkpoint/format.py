@@ -67,7 +67,7 @@ DTYPES: dict[str, torch.dtype] = {
     "C64": torch.complex64,
 }
 """safetensors dtype names we read and write."""
-_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
 
 

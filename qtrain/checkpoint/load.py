@@ -24,9 +24,9 @@ from qtrain.checkpoint.format import (
     is_os_stray,
     unflatten_state,
 )
-from qtrain.checkpoint.manifest import _json_from_bytes, _read_json, check_step_name, read_manifest
+from qtrain.checkpoint.manifest import check_step_name, json_from_bytes, read_json, read_manifest
 from qtrain.checkpoint.trainer_state import validate_trainer_state
-from qtrain.checkpoint.write import _sha256
+from qtrain.checkpoint.write import sha256_of
 from qtrain.console import warn
 from qtrain.errors import CheckpointError
 from qtrain.model import GPT
@@ -55,7 +55,7 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
                 f"{path}: safetensors header length {n} is impossible for a {size}-byte file (limit {MAX_HEADER_BYTES})"
             )
         raw = f.read(n)
-    header = _json_from_bytes(raw, f"{path}: safetensors header")
+    header = json_from_bytes(raw, f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     meta = header.get("__metadata__", {})
@@ -127,10 +127,10 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         size = f.stat().st_size
         if size != info["bytes"]:
             raise CheckpointError(f"{f}: size {size} bytes, manifest says {info['bytes']} (truncated or altered)")
-        digest = _sha256(f)
+        digest = sha256_of(f)
         if digest != info["sha256"]:
             raise CheckpointError(f"{f}: SHA-256 mismatch (manifest {info['sha256'][:16]}…, file {digest[:16]}…)")
-        parsed[name] = check_safetensors_header(f) if name.endswith(".safetensors") else _read_json(f)
+        parsed[name] = check_safetensors_header(f) if name.endswith(".safetensors") else read_json(f)
     if isinstance(manifest.get("model"), dict):
         _check_against_model(path, manifest, parsed)
     elif TRAINER_META in parsed:  # no model to check shapes against (not a qtrain run's checkpoint)
@@ -210,7 +210,7 @@ def load_checkpoint(path: str | Path, with_trainer: bool = True) -> Checkpoint:
         tensors = _load_tensors(p / TRAINER_FILE)
         if TRAINER_META in manifest["files"]:
             try:
-                meta = unflatten_state(_read_json(p / TRAINER_META), tensors)
+                meta = unflatten_state(read_json(p / TRAINER_META), tensors)
             except KeyError as err:
                 raise CheckpointError(
                     f"{p / TRAINER_META}: refers to tensor {err} absent from {TRAINER_FILE}"

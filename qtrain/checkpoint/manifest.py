@@ -41,7 +41,7 @@ SEALED_SINCE = 3
 """First format version whose manifest carries `manifest_sha256`."""
 
 
-def _json_from_bytes(raw: bytes, what: str) -> Any:
+def json_from_bytes(raw: bytes, what: str) -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -57,8 +57,8 @@ def _read_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _read_json(path: Path) -> Any:
-    data = _json_from_bytes(_read_bytes(path), str(path))
+def read_json(path: Path) -> Any:
+    data = json_from_bytes(_read_bytes(path), str(path))
     if (where := json_depth_error(data)) is not None:
         raise CheckpointError(f"{path}: nested deeper than the checkpoint limit at '{where[:200]}'")
     return data
@@ -88,7 +88,7 @@ def parse_manifest(mpath: Path, raw: bytes) -> dict[str, Any]:
         CheckpointError: as `read_manifest`.
     """
     path = mpath.parent
-    manifest = _json_from_bytes(raw, str(mpath))
+    manifest = json_from_bytes(raw, str(mpath))
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{mpath}: not a JSON object")
     if (where := json_depth_error(manifest)) is not None:

@@ -8,17 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qtrain import rundir
-from qtrain.checkpoint import write as _write
+from qtrain.checkpoint import write as ck_write
 from qtrain.checkpoint.find import list_step_dirs, step_of, temp_entries
 from qtrain.checkpoint.format import DISK_FULL, LATEST, TMP_PREFIX, Payload
 from qtrain.checkpoint.load import verify_checkpoint
 from qtrain.checkpoint.write import (
-    _fsync_dir,
-    _pid_of_temp,
-    _tensor_bytes,
-    _write_files,
+    fsync_dir,
+    pid_of_temp,
     step_dir_name,
+    tensor_bytes,
     write_dir_atomically,
+    write_files,
 )
 from qtrain.errors import CheckpointError, ResourceError
 from qtrain.fsinfo import pid_alive
@@ -47,8 +47,8 @@ def save_checkpoint(
     """
     rundir.check_dir(root)  # the run's checkpoints/: never a planted link
     final = root / step_dir_name(step)
-    need = _tensor_bytes(payload.model_state) + _tensor_bytes(payload.trainer_tensors)
-    write_dir_atomically(final, lambda tmp: _write_files(tmp, step, payload), need, before_publish)
+    need = tensor_bytes(payload.model_state) + tensor_bytes(payload.trainer_tensors)
+    write_dir_atomically(final, lambda tmp: write_files(tmp, step, payload), need, before_publish)
     _publish_latest(root, final.name)
     prune(root, keep)
     return final
@@ -59,12 +59,12 @@ def _publish_latest(root: Path, name: str) -> None:
     tmp = root / f"{TMP_PREFIX}{LATEST}-{os.getpid()}"
     try:
         tmp.unlink(missing_ok=True)
-        with _write._open_new(tmp) as f:  # through the module: tests patch it there
+        with ck_write.open_new(tmp) as f:  # through the module: tests patch it there
             f.write((name + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, root / LATEST)
-        _fsync_dir(root)
+        fsync_dir(root)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         if err.errno in DISK_FULL:
@@ -75,7 +75,7 @@ def _publish_latest(root: Path, name: str) -> None:
 def _remove_stale_temps(root: Path) -> None:
     """Delete temporaries of dead processes (a SIGKILLed save) and of this one."""
     for entry in temp_entries(root):
-        pid = _pid_of_temp(entry.name)
+        pid = pid_of_temp(entry.name)
         if pid is None or pid == os.getpid() or not pid_alive(pid):
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)

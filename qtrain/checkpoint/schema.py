@@ -2,9 +2,9 @@
 
 Checked before anything is built from them. The model's shape and the quantization config
 go through the same rules as a run's config (`qtrain.config.validate`), after their types
-are checked here; per-layer specs through `LayerSpec.check`. Whether the tensors fit what
+are checked here; per-layer specs through `QuantRecipe.check_layer`. Whether the tensors fit what
 the manifest describes is checked afterwards, against the safetensors headers
-(`qtrain.checkpoint.consistency`).
+(`qtrain.checkpoint.consistency`). What a scheme means is asked of `qtrain.quant.recipe.QuantRecipe`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from typing import Any
 
 from qtrain.config import ModeConfig, ModelConfig, QuantConfig, RunConfig, validate
 from qtrain.errors import CheckpointError
-from qtrain.quant.primitives import LayerSpec
-from qtrain.quant.schemes import SCHEMES
+from qtrain.quant.recipe import QuantRecipe
 
 MAX_DIM = 2**31 - 1
 """Largest size accepted for any model dimension (torch shapes are int64; products must not overflow)."""
@@ -140,8 +139,9 @@ def quant_config(mpath: Path, config: Any, mcfg: ModelConfig) -> QuantConfig:
     """
     schema = {f.name: (int if f.type == "int" else bool if f.type == "bool" else str) for f in fields(QuantConfig)}
     _entries(mpath, "quant.config", config, schema, set(schema))
-    if config["scheme"] not in SCHEMES:
-        raise _fail(mpath, "quant.config.scheme", f"must be one of {list(SCHEMES)} (got {config['scheme']!r})")
+    schemes = QuantRecipe.scheme_bits()
+    if config["scheme"] not in schemes:
+        raise _fail(mpath, "quant.config.scheme", f"must be one of {list(schemes)} (got {config['scheme']!r})")
     qcfg = QuantConfig(**config)
     run = RunConfig(model=mcfg, quant=qcfg, mode=ModeConfig("eval"), init_from="-")
     problems = [p for p in validate(run) if p.startswith("quant.")]
@@ -155,10 +155,11 @@ def _layer(mpath: Path, name: Any, spec: Any, layers: dict[str, Any]) -> None:
     if not _MODULE_NAME.match(name):
         raise _fail(mpath, field, "is not a module name")
     _entries(mpath, field, spec, LAYER_KEYS, set(LAYER_KEYS))
-    if spec["scheme"] not in SCHEMES:
-        raise _fail(mpath, f"{field}.scheme", f"must be one of {list(SCHEMES)} (got {spec['scheme']!r})")
-    if spec["bits"] != SCHEMES[spec["scheme"]].bits:
-        bits = SCHEMES[spec["scheme"]].bits
+    schemes = QuantRecipe.scheme_bits()
+    if spec["scheme"] not in schemes:
+        raise _fail(mpath, f"{field}.scheme", f"must be one of {list(schemes)} (got {spec['scheme']!r})")
+    if spec["bits"] != schemes[spec["scheme"]]:
+        bits = schemes[spec["scheme"]]
         raise _fail(mpath, f"{field}.bits", f"is {spec['bits']}, but scheme {spec['scheme']} has {bits}")
     if spec["kind"] not in ("linear", "embedding"):
         raise _fail(mpath, f"{field}.kind", f"must be 'linear' or 'embedding' (got {spec['kind']!r})")
@@ -171,6 +172,6 @@ def _layer(mpath: Path, name: Any, spec: Any, layers: dict[str, Any]) -> None:
     if tied is not None and (spec["kind"] != "embedding" or not shares):
         raise _fail(mpath, f"{field}.tied_to", f"{tied!r} is not a quantized linear layer an embedding can share")
     try:
-        LayerSpec.from_dict(spec).check(field, spec["in_features"])
+        QuantRecipe.check_layer(field, spec)
     except ValueError as err:
         raise CheckpointError(f"{mpath}: {err}") from None

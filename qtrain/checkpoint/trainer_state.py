@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from qtrain.checkpoint.format import _DTYPE_NAMES
+from qtrain.checkpoint.format import DTYPE_NAMES
 from qtrain.errors import CheckpointError
 
 TRAINER_KEYS = ("optimizer", "step", "sampler", "rng_cpu")
@@ -47,7 +47,7 @@ def _int(where: Path, field: str, v: Any, lo: int = 0) -> int:
 def _tensor(where: Path, field: str, ref: Any, tensors: TensorInfo) -> tuple[tuple[int, ...], str]:
     """Shape and dtype name of a tensor reference (as stored) or of a tensor (as loaded)."""
     if isinstance(ref, torch.Tensor):
-        return tuple(ref.shape), _DTYPE_NAMES.get(ref.dtype, str(ref.dtype))
+        return tuple(ref.shape), DTYPE_NAMES.get(ref.dtype, str(ref.dtype))
     if not (isinstance(ref, dict) and set(ref) == {"__tensor__"} and isinstance(ref["__tensor__"], str)):
         raise _bad(where, field, f"must be a tensor (got {str(ref)[:60]!r})")
     if ref["__tensor__"] not in tensors:

@@ -9,7 +9,7 @@ from pathlib import Path
 from qtrain import rundir
 from qtrain.checkpoint.format import FORMAT_VERSION, SYSTEM_KEYS, TMP_PREFIX, Payload
 from qtrain.checkpoint.load import load_checkpoint
-from qtrain.checkpoint.write import _pid_of_temp, _tensor_bytes, _write_files, write_dir_atomically
+from qtrain.checkpoint.write import pid_of_temp, tensor_bytes, write_dir_atomically, write_files
 from qtrain.console import warn
 from qtrain.errors import ConfigError
 from qtrain.fsinfo import pid_alive
@@ -49,7 +49,7 @@ def remove_stale_temps(out: Path) -> list[Path]:
         return []
     removed = []
     for entry in entries:
-        pid = _pid_of_temp(entry.name)
+        pid = pid_of_temp(entry.name)
         if not entry.name[len(prefix) :].isdigit() or pid is None or pid == os.getpid() or pid_alive(pid):
             continue
         if entry.is_dir() and not entry.is_symlink():
@@ -92,6 +92,6 @@ def upgrade_checkpoint(src: str | Path, out: str | Path) -> Path:
         trainer_meta=ckpt.trainer_meta,
         manifest=extras,
     )
-    need = _tensor_bytes(ckpt.model_state) + _tensor_bytes(ckpt.trainer_tensors)
-    write_dir_atomically(out_p, lambda tmp: _write_files(tmp, m["step"], payload), need)
+    need = tensor_bytes(ckpt.model_state) + tensor_bytes(ckpt.trainer_tensors)
+    write_dir_atomically(out_p, lambda tmp: write_files(tmp, m["step"], payload), need)
     return out_p

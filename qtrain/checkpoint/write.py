@@ -17,8 +17,8 @@ import torch
 
 from qtrain import __version__, rundir
 from qtrain.checkpoint.format import (
-    _DTYPE_NAMES,
     DISK_FULL,
+    DTYPE_NAMES,
     FORMAT_VERSION,
     MANIFEST,
     MODEL_FILE,
@@ -36,7 +36,7 @@ from qtrain.errors import ResourceError
 # ---------------------------------------------------------------- low-level writing
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -44,7 +44,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -52,7 +52,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _open_new(path: Path) -> IO[bytes]:
+def open_new(path: Path) -> IO[bytes]:
     """Create `path` for writing (never truncating an existing file). Every checkpoint byte goes through here."""
     return path.open("xb")
 
@@ -72,16 +72,16 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     header: dict[str, Any] = {}
     offset = 0
     for name, t in items:
-        if t.dtype not in _DTYPE_NAMES:
+        if t.dtype not in DTYPE_NAMES:
             raise TypeError(f"cannot store tensor '{name}' of dtype {t.dtype} in {path.name}")
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
         offset += n
     if metadata:
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
-    with _open_new(path) as f:
+    with open_new(path) as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for _, t in items:
@@ -93,7 +93,7 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 
 
 def _write_json(path: Path, data: Any) -> None:
-    with _open_new(path) as f:
+    with open_new(path) as f:
         f.write(json_file_bytes(data))
         f.flush()
         os.fsync(f.fileno())
@@ -121,11 +121,11 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _write_files(tmp: Path, step: int, payload: Payload) -> dict[str, Any]:
+def write_files(tmp: Path, step: int, payload: Payload) -> dict[str, Any]:
     model_state, tied = dedupe_tied(payload.model_state)
     write_safetensors(model_state, tmp / MODEL_FILE, metadata={"format": "qtrain"})
     trainer_tensors: dict[str, torch.Tensor] = dict(payload.trainer_tensors)
@@ -133,7 +133,7 @@ def _write_files(tmp: Path, step: int, payload: Payload) -> dict[str, Any]:
     write_safetensors(trainer_tensors, tmp / TRAINER_FILE)
     _write_json(tmp / TRAINER_META, meta)
     files = {
-        name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)}
         for name in (MODEL_FILE, TRAINER_FILE, TRAINER_META)
     }
     manifest = {
@@ -152,7 +152,7 @@ def _write_files(tmp: Path, step: int, payload: Payload) -> dict[str, Any]:
     return manifest
 
 
-def _pid_of_temp(name: str) -> int | None:
+def pid_of_temp(name: str) -> int | None:
     m = re.search(r"-(\d+)$", name)
     return int(m.group(1)) if m else None
 
@@ -188,11 +188,11 @@ def write_dir_atomically(
     tmp.mkdir()
     try:
         write(tmp)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if before_publish is not None:
             before_publish(tmp)
         _replace_dir(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError) and err.errno in DISK_FULL:

@@ -4,7 +4,7 @@ qtrain's AVX2 kernels (:mod:`qtrain.quant.native`) and PyTorch's (``_weight_int4
 ``_weight_int8pack_mm``) rank differently by CPU: on an AMD EPYC with AVX2 qtrain's int4 kernel
 is about twice as fast at one row, while on an AVX-512/AMX Xeon PyTorch's int4 kernel wins end
 to end. So the first time a process needs a decode-sized CPU product (at most
-``fastpaths.NATIVE_MAX_ROWS`` rows) with ``kernel=auto``, :func:`choose` measures both candidates
+``kernels.NATIVE_MAX_ROWS`` rows) with ``kernel=auto``, :func:`choose` measures both candidates
 through the same closures the layers use, one row on the decode GEMV shapes of a 1024-wide
 model (:data:`SHAPES`), checks both against a float64 reference, and picks the faster correct
 one. The measurement is interleaved, keeps each kernel's fastest single call (robust on a
@@ -28,6 +28,7 @@ CPU, and the numbers behind it; ``mode=eval`` also records it in ``report.json``
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -36,15 +37,16 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeGuard
 
 import torch
 import torch.nn.functional as F
 
-from qtrain.quant import fastpaths as fp
-from qtrain.quant import native
+from qtrain.quant import kernels, native
 from qtrain.quant import primitives as P
+from qtrain.quant.kernel_ops import PackedWeights
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +95,20 @@ def cache_path(key: dict[str, Any]) -> Path:
     return native.cache_dir() / "kernels" / f"choice-{digest}.json"
 
 
-def _weights(bits: int, k: int, n: int, gen: torch.Generator) -> tuple[dict[str, fp.FastPath], torch.Tensor]:
-    """Both candidates' closures for a random ``K x N`` layer, and its float32 weight."""
+Candidates = dict[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _weights(bits: int, k: int, n: int, gen: torch.Generator) -> tuple[Candidates, torch.Tensor]:
+    """Both candidates' closures for a random ``K x N`` layer (the layers' own), and its float32 weight."""
     scales = (torch.rand(n, k // 32 if bits == 4 else 1, generator=gen) * 0.01 + 0.01).to(P.SCALE_DTYPE)
     if bits == 4:
-        w4 = fp.Int4Weight(torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8), scales, None, k, 32)
+        w4 = PackedWeights(4, torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8), scales, None, k, 32)
+        w4 = dataclasses.replace(w4, group=32)
         ref = P.dequantize(w4.codes(), scales, None, 4, 32)
-        return {c: fp.int4_cpu(w4, 32, False, c) for c in CANDIDATES}, ref
+        return {"native": kernels.native_int4(w4), "torch": kernels.aten_int4_cpu(w4)}, ref
     codes = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
-    return {c: fp.int8_cpu(codes, scales, False, c) for c in CANDIDATES}, codes.float() * scales.float()
+    w8 = PackedWeights(8, codes, scales, None, k, -1)
+    return {"native": kernels.native_int8(w8), "torch": kernels.aten_int8_cpu(w8)}, codes.float() * scales.float()
 
 
 def _correct(y: torch.Tensor | None, x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -145,7 +152,7 @@ def measure(bits: int) -> dict[str, Any]:
 
 
 def _time(
-    layers: list[tuple[dict[str, fp.FastPath], torch.Tensor, torch.Tensor]],
+    layers: list[tuple[Candidates, torch.Tensor, torch.Tensor]],
 ) -> tuple[dict[str, list[float]], int]:
     """Each candidate's fastest single call per layer (interleaved rounds, within :data:`BUDGET_S`)."""
     best = {c: [float("inf")] * len(layers) for c in CANDIDATES}
@@ -319,5 +326,9 @@ def decisions() -> dict[str, dict[str, Any]]:
 
 
 def reset() -> None:
-    """Forget this process's decisions (tests)."""
+    """Forget this process's decisions, so the next decode-sized call decides again.
+
+    Public for long-lived processes (notebooks, tests) that change ``QTRAIN_CPU_KERNEL`` or the
+    thread count's machine conditions after a first decision.
+    """
     _CHOSEN.clear()

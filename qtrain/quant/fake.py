@@ -34,81 +34,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qtrain.quant import primitives as P
-from qtrain.quant.primitives import LayerSpec, QuantizedWeight
+from qtrain.quant.autograd import FakeQuantWeight, FakeQuantWeightLSQ, fake_quantize_activation
+from qtrain.quant.embedding import TableEmbedding
+from qtrain.quant.spec import LayerSpec, QuantizedWeight
 
 WeightHook = Callable[[str, Tensor], Tensor | None]
 """``fn(module_name, fake_weight) -> replacement or None``, run on every fake-quantized weight."""
-
-
-class _FakeQuantWeight(torch.autograd.Function):
-    """Quantize-dequantize with fixed scales; gradient passes where the code was not clamped."""
-
-    @staticmethod
-    def forward(ctx, weight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int) -> Tensor:  # type: ignore[override]
-        w_hat, inside = P.fake_quantize(weight, scales, zeros, bits, group_size)
-        ctx.save_for_backward(inside)
-        return w_hat.to(weight.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        (inside,) = ctx.saved_tensors
-        return grad * inside, None, None, None, None
-
-
-class _FakeQuantWeightLSQ(torch.autograd.Function):
-    """Quantize-dequantize with a learnable scale (LSQ gradient, bf16 rounding as identity)."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, weight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int, grad_scale: float
-    ) -> Tensor:
-        s = P.round_scale(scales.detach()).float()
-        w_hat, _ = P.fake_quantize(weight, s, zeros, bits, group_size)
-        ctx.save_for_backward(weight, scales, s, zeros)
-        ctx.meta = (bits, group_size, grad_scale)
-        return w_hat.to(weight.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        weight, scales, s, zeros = ctx.saved_tensors
-        bits, group_size, grad_scale = ctx.meta
-        lo, hi = P.signed_bounds(bits, zeros)
-        n, k = weight.shape
-        v = torch.div(P.group_view(weight.detach().float(), group_size), s.unsqueeze(-1))  # (N, G, g)
-        q = torch.round(v)
-        inside = (q >= lo) & (q <= hi)
-        g = P.group_view(grad.float(), group_size)
-        grad_w = (g * inside).reshape(n, k).to(weight.dtype)
-        # d w_hat / d s: round(v) - v inside the range, the clamped level outside (LSQ).
-        dq_ds = torch.where(inside, q - v, P.clamp_codes(q.clone(), lo, hi))
-        grad_s = (g * dq_ds).sum(dim=-1) * grad_scale
-        grad_s = grad_s * (scales >= P.SCALE_EPS)  # clamp_min in round_scale
-        return grad_w, grad_s.to(scales.dtype), None, None, None, None
-
-
-class _FakeQuantActivation(torch.autograd.Function):
-    """Per-token int8 quantize-dequantize; identity gradient (no clamping happens)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        return P.fake_quantize_per_token(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        return grad
-
-
-def fake_quantize_activation(x: Tensor) -> Tensor:
-    """Int8 dynamic per-token fake quantization with a straight-through gradient.
-
-    Args:
-        x: ``[..., K]`` activations.
-
-    Returns:
-        Tensor like ``x``, equal to :func:`primitives.fake_quantize_per_token`.
-    """
-    out: Tensor = _FakeQuantActivation.apply(x)
-    return out
 
 
 class FakeQuantLinear(nn.Module):
@@ -324,7 +255,7 @@ class FakeQuantLinear(nn.Module):
         s = self.spec
         _, _, frozen = self._flags()
         if self.learn_scales and not frozen:
-            out: Tensor = _FakeQuantWeightLSQ.apply(
+            out: Tensor = FakeQuantWeightLSQ.apply(
                 self.weight, self.scales, self.zeros, s.bits, s.group_size, self.grad_scale
             )
             return out
@@ -334,7 +265,7 @@ class FakeQuantLinear(nn.Module):
                 self.scales.copy_(scales)
                 if self.zeros is not None and zeros is not None:
                     self.zeros.copy_(zeros)
-        out = _FakeQuantWeight.apply(self.weight, scales, zeros, s.bits, s.group_size)
+        out = FakeQuantWeight.apply(self.weight, scales, zeros, s.bits, s.group_size)
         return out
 
     def fake_weight(self, hook_name: str | None = None) -> Tensor:
@@ -372,13 +303,10 @@ class FakeQuantLinear(nn.Module):
         )
 
 
-class FakeQuantEmbedding(nn.Module):
-    """Embedding lookup that reads a fake-quantized table.
+class FakeQuantEmbedding(TableEmbedding):
+    """Embedding lookup that reads a fake-quantized table (a :class:`FakeQuantLinear`).
 
-    The table is a :class:`FakeQuantLinear` over the ``[V, d]`` matrix (N = V rows, K = d),
-    so rows are quantized exactly like the output head's weight. With tied embeddings the
-    table *is* the model's ``lm_head`` module (held by reference, not registered, so its
-    parameters and state-dict keys exist once, under ``lm_head``).
+    See :class:`~qtrain.quant.embedding.TableEmbedding` for the table and the tied case.
 
     Args:
         table: the fake-quant table module.
@@ -386,31 +314,28 @@ class FakeQuantEmbedding(nn.Module):
         name: this module's name (passed to weight hooks).
     """
 
-    def __init__(self, table: FakeQuantLinear, tied_to: str | None = None, name: str = "tok_emb") -> None:
-        super().__init__()
-        self.tied_to = tied_to
-        self.layer_name = name
-        if tied_to is None:
-            self.table = table
-        else:
-            self.__dict__["_tied_table"] = table
-
     def get_table(self) -> FakeQuantLinear:
         """The fake-quant table (the tied head's module when tied)."""
-        t = self.__dict__.get("_tied_table")
-        if t is None:
-            t = self._modules["table"]
+        t = self.table_module()
         assert isinstance(t, FakeQuantLinear)
         return t
 
     @classmethod
     def from_embedding(
-        cls, emb: nn.Embedding, spec: LayerSpec, name: str = "tok_emb", learn_scales: bool = False
+        cls,
+        emb: nn.Embedding,
+        spec: LayerSpec,
+        name: str = "tok_emb",
+        learn_scales: bool = False,
+        **qparams: Tensor | None,
     ) -> FakeQuantEmbedding:
-        """Own fake-quant table for an untied ``nn.Embedding`` (shares its weight parameter)."""
+        """Own fake-quant table for an untied ``nn.Embedding`` (shares its weight parameter).
+
+        ``qparams``: optional initial ``scales``/``zeros``, as in :meth:`FakeQuantLinear.from_linear`.
+        """
         lin = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
         lin.weight = emb.weight
-        return cls(FakeQuantLinear.from_linear(lin, spec, name, learn_scales), None, name)
+        return cls(FakeQuantLinear.from_linear(lin, spec, name, learn_scales, **qparams), None, name)
 
     def to_embedding(self) -> nn.Embedding:
         """Plain ``nn.Embedding`` sharing the table's weight parameter."""
@@ -422,6 +347,3 @@ class FakeQuantEmbedding(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         """Rows of the fake-quantized table: ``(B, T) -> (B, T, d)``."""
         return F.embedding(idx, self.get_table().fake_weight(self.layer_name))
-
-    def extra_repr(self) -> str:
-        return f"tied_to={self.tied_to}"

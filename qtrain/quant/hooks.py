@@ -42,9 +42,10 @@ import torch
 from torch import nn
 
 from qtrain.errors import ConfigError
-from qtrain.quant import api
 from qtrain.quant.fake import FakeQuantLinear
 from qtrain.quant.primitives import dequantize
+from qtrain.quant.qat import fake_quant_modules, register_weight_hook
+from qtrain.quant.targets import keep_full_precision, set_module
 
 POINTS = ("after_prepare", "on_weight", "after_step", "before_convert")
 
@@ -74,7 +75,7 @@ class HookSet:
                 h.after_prepare(model)
         for h in self.hooks:
             if hasattr(h, "on_weight"):
-                self._removers.append(api.register_weight_hook(model, h.on_weight))
+                self._removers.append(register_weight_hook(model, h.on_weight))
 
     def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
         """Run `after_step` hooks; merge the metrics they return."""
@@ -216,7 +217,7 @@ class SQNRLogger:
             return None
         out: dict[str, float] = {}
         with torch.no_grad():
-            for name, m in api.fake_quant_modules(model):
+            for name, m in fake_quant_modules(model):
                 qw = m.quantized()
                 deq = dequantize(qw.codes, qw.scales, qw.zeros, m.spec.bits, m.spec.group_size)
                 out[f"sqnr_db/{name}"] = round(sqnr_db(m.weight, deq), 3)
@@ -241,8 +242,8 @@ class KeepFullPrecision:
         for name, m in list(model.named_modules()):
             if isinstance(m, FakeQuantLinear) and any(fnmatch.fnmatch(name, p) for p in self.patterns):
                 linear = m.to_linear()
-                api.keep_full_precision(linear)
-                api.set_module(model, name, linear)
+                keep_full_precision(linear)
+                set_module(model, name, linear)
                 self.kept.append(name)
         if not self.kept:
             raise HookError(f"KeepFullPrecision: no quantized layer matches {self.patterns}")

@@ -309,7 +309,11 @@ def team_size(lib: ctypes.CDLL, threads: int) -> int:
 
 
 def reset() -> None:
-    """Forget the loaded library (tests: re-evaluate the environment switch)."""
+    """Forget the loaded library, so the next :func:`library` call builds or loads it again.
+
+    Public for long-lived processes (notebooks, tests) that change ``QTRAIN_NATIVE_KERNELS``,
+    ``CC`` or the cache directory after a first use.
+    """
     _STATE.clear()
 
 

@@ -14,41 +14,13 @@ Int4Linear     ``weight_packed`` uint8 ``[N, K/2]`` codes 0..15, low nibble = ev
 
 Weight = ``(code - zero) * scale`` (see :mod:`qtrain.quant.primitives`).
 
-Kernels (``kernel="auto"``; ``"native"`` forces qtrain's own CPU decode kernels where they
-build and fit, ``"torch"`` skips them; ``"reference"`` forces the oracle; built by
-:mod:`qtrain.quant.fastpaths`, whose constants are the row limits named here):
-
-- reference: unpack, dequantize to float32, ``F.linear`` in float32. Equal bit for bit to
-  :class:`~qtrain.quant.fake.FakeQuantLinear`'s forward on the same input.
-- CPU, at most ``NATIVE_MAX_ROWS`` rows (decode): qtrain's own AVX2 kernels
-  (:mod:`qtrain.quant.native`), reading the canonical buffers directly with float32
-  activations, when they build (C compiler, AVX2), the layer fits them (int4 groups, int8 K a
-  multiple of 32) and, with ``auto``, they are the faster on this machine: measured once per
-  CPU, torch version, kernel build and thread count against PyTorch's kernels and cached
-  (:mod:`qtrain.quant.autotune`; about 2x PyTorch's at one row on an AVX2 EPYC, slower than
-  PyTorch's int4 on an AVX-512/AMX Xeon). Otherwise the next item.
-- CPU, at most ``CPU_KERNEL_MAX_ROWS`` rows: ``aten._weight_int8pack_mm`` and
-  ``aten._weight_int4pack_mm_for_cpu`` fed **bf16** activations (fp32 inputs are several
-  times slower), output cast back. int4 weights are repacked once, on the first call that
-  needs it, with ``_convert_weight_to_int4pack_for_cpu`` into a non-persistent cache. Above the row limit
-  (prefill, evaluation) the dequantize + float32 matmul of the reference path is faster on
-  CPU than these kernels, so it is used (transiently, per call).
-- CUDA: int4 uses tinygemm ``aten._weight_int4pack_mm`` (bf16) for at most
-  ``CUDA_TINYGEMM_MAX_ROWS`` rows, dequantize to bf16 + matmul above; int8 weights with int8
-  activations use ``torch._int_mm`` (int8 x int8 -> int32, then both scales) above 16 rows;
-  int8 at most ``GEMV_MAX_ROWS`` rows uses a ``torch.compile``-fused dequantize-GEMV
-  (:func:`~qtrain.quant.fastpaths.int8_gemv`); otherwise dequantize to bf16 + matmul.
-- int8 dynamic activations (``spec.activations == "int8"``): the input is quantized per token
-  and dequantized (the same primitive as fake-quant), then the weight path runs on those
-  activations.
-
-Kernel conventions found by testing (torch 2.13, CPU): tinygemm computes
-``(q - 8) * scale + zero`` from ``scale_and_zero [K/g, N, 2]`` (bf16), so symmetric codes
-(``q = code``, zero 8) get ``zero = 0`` and asymmetric ones ``zero = (8 - z) * scale``
-(rounded to bf16, hence not bit exact). Constraints: int4 CPU needs N % 16 == 0 (we pad N
-with zero rows) and a group in {32, 64, 128, 256} (per channel uses the largest of those
-dividing K with repeated scales; K % 32 != 0 falls back to reference); the int8 CPU kernel
-needs K % 8 == 0 and **crashes the process** otherwise, so such layers use the reference.
+Kernels: ``quant.kernel=auto`` runs, per call, the first kernel of the one table in
+:mod:`qtrain.quant.kernels` that fits the device, row count and layer (``native`` prefers
+qtrain's own CPU decode kernels, ``torch`` skips them); otherwise, and with ``reference``, the
+reference path: unpack, dequantize to float32, ``F.linear`` in float32, equal bit for bit to
+:class:`~qtrain.quant.fake.FakeQuantLinear`'s forward on the same input. int8 dynamic
+activations (``spec.activations == "int8"``) are quantized per token and dequantized first
+(the same primitive as fake-quant).
 """
 
 from __future__ import annotations
@@ -60,45 +32,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qtrain.quant import fastpaths as fp
+from qtrain.quant import kernels
 from qtrain.quant import primitives as P
-from qtrain.quant.fastpaths import FastPath
-from qtrain.quant.primitives import LayerSpec
+from qtrain.quant.embedding import TableEmbedding
+from qtrain.quant.kernel_ops import PackedWeights
+from qtrain.quant.kernels import INT4_KERNEL_GROUPS, KERNELS, check_kernel, kernel_group
+from qtrain.quant.spec import LayerSpec
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "native", "torch", "reference")
-INT4_KERNEL_GROUPS = (256, 128, 64, 32)
-
-
-def check_kernel(kernel: str) -> str:
-    """Return ``kernel`` if it is one of :data:`KERNELS`.
-
-    Raises:
-        ValueError: any other value (names ``quant.kernel``).
-    """
-    if kernel not in KERNELS:
-        raise ValueError(f"quant.kernel={kernel!r} is not one of {list(KERNELS)}")
-    return kernel
-
-
-def kernel_group(spec: LayerSpec, in_features: int) -> int | None:
-    """Group size the int4 kernels can run this layer with, or None.
-
-    Per-channel layers use the largest supported group dividing K (scales repeated).
-
-    Args:
-        spec: the layer spec.
-        in_features: K.
-
-    Returns:
-        32, 64, 128 or 256, or None when no kernel group fits.
-    """
-    if spec.group_size in INT4_KERNEL_GROUPS:
-        return spec.group_size
-    if spec.group_size == -1:
-        return next((g for g in INT4_KERNEL_GROUPS if in_features % g == 0), None)
-    return None
+__all__ = [  # check_kernel, kernel_group and the kernel names are re-exported from qtrain.quant.kernels
+    "INT4_KERNEL_GROUPS",
+    "KERNELS",
+    "Int4Linear",
+    "Int8Linear",
+    "PackedLinear",
+    "QuantEmbedding",
+    "check_kernel",
+    "kernel_group",
+]
 
 
 class PackedLinear(nn.Module):
@@ -120,7 +72,13 @@ class PackedLinear(nn.Module):
     zeros: Tensor | None
 
     def __init__(
-        self, in_features: int, out_features: int, spec: LayerSpec, kernel: str = "auto", name: str = ""
+        self,
+        in_features: int,
+        out_features: int,
+        spec: LayerSpec,
+        kernel: str = "auto",
+        name: str = "",
+        device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
         cls_name = type(self).__name__
@@ -132,9 +90,14 @@ class PackedLinear(nn.Module):
         self.layer_name = name
         self._act_int8 = spec.activations == "int8"
         self._fast_key: tuple[object, ...] = ()
-        self._fast_fn: FastPath | None = None
+        self._fast_fn: kernels.Plan | None = None
+        self._init_buffers(device)
 
     # -- subclass interface -------------------------------------------------------------------
+    def _init_buffers(self, device: torch.device | str | None) -> None:
+        """Register the zero-filled canonical buffers."""
+        raise NotImplementedError
+
     def codes(self) -> Tensor:
         """Unpacked codes ``[N, K]`` (int8, or uint8 0..15)."""
         raise NotImplementedError
@@ -142,7 +105,8 @@ class PackedLinear(nn.Module):
     def _row_codes(self, rows: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def _build_fast(self, device: torch.device) -> FastPath | None:
+    def packed_weights(self) -> PackedWeights:
+        """The canonical buffers, as the kernels take them."""
         raise NotImplementedError
 
     # -- shared -----------------------------------------------------------------------------
@@ -170,12 +134,13 @@ class PackedLinear(nn.Module):
             x = P.fake_quantize_per_token(x)
         return F.linear(x.float(), self.dequantize()).to(x.dtype)
 
-    def _fast(self, device: torch.device) -> FastPath | None:
-        """Fast path for ``device`` built once per (device, buffer identity/version)."""
+    def _fast(self, device: torch.device) -> kernels.Plan | None:
+        """The kernel plan for ``device`` (:func:`qtrain.quant.kernels.plan`), built once per
+        (device, kernel, buffer identity/version)."""
         bufs = [(b.data_ptr(), b._version) for b in self._buffers.values() if b is not None]
         key = (device, self.kernel, *bufs)
         if key != self._fast_key:
-            self._fast_fn = self._build_fast(device)
+            self._fast_fn = kernels.plan(self.packed_weights(), device, self.kernel, self._note)
             self._fast_key = key
         return self._fast_fn
 
@@ -223,7 +188,7 @@ class PackedLinear(nn.Module):
         Returns:
             The module.
         """
-        return cls(in_features, out_features, spec, kernel, name, device=device)  # type: ignore[call-arg]
+        return cls(in_features, out_features, spec, kernel, name, device=device)
 
     @classmethod
     def from_codes(
@@ -290,18 +255,10 @@ class Int8Linear(PackedLinear):
     bits = 8
     weight_int8: Tensor
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        spec: LayerSpec,
-        kernel: str = "auto",
-        name: str = "",
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(in_features, out_features, spec, kernel, name)
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, 1, dtype=P.SCALE_DTYPE, device=device))
+    def _init_buffers(self, device: torch.device | str | None) -> None:
+        n, k = self.out_features, self.in_features
+        self.register_buffer("weight_int8", torch.zeros(n, k, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(n, 1, dtype=P.SCALE_DTYPE, device=device))
         self.register_buffer("zeros", None)
 
     def _store(self, codes: Tensor, scales: Tensor, zeros: Tensor | None) -> None:
@@ -314,17 +271,8 @@ class Int8Linear(PackedLinear):
     def _row_codes(self, rows: Tensor) -> Tensor:
         return self.weight_int8[rows]
 
-    def _build_fast(self, device: torch.device) -> FastPath | None:
-        w, scales, act = self.weight_int8, self.scales, self._act_int8
-        if device.type == "cuda":
-            return fp.int8_cuda(w, scales, act)
-        if device.type != "cpu":
-            self._note(f"no fast path on {device.type}")
-            return None
-        if self.in_features % 8 != 0:
-            self._note(f"_weight_int8pack_mm needs K % 8 == 0, K={self.in_features}")
-            return None
-        return fp.int8_cpu(w, scales, act, self.kernel)
+    def packed_weights(self) -> PackedWeights:
+        return PackedWeights(8, self.weight_int8, self.scales, None, self.in_features, -1, self._act_int8)
 
 
 class Int4Linear(PackedLinear):
@@ -342,23 +290,14 @@ class Int4Linear(PackedLinear):
     bits = 4
     weight_packed: Tensor
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        spec: LayerSpec,
-        kernel: str = "auto",
-        name: str = "",
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__(in_features, out_features, spec, kernel, name)
-        if in_features % 2 != 0:
-            raise ValueError(f"{name or 'Int4Linear'}: int4 packing needs an even input size, got K={in_features}")
-        g = spec.groups(in_features)
-        packed = torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
-        self.register_buffer("weight_packed", packed)
-        self.register_buffer("scales", torch.ones(out_features, g, dtype=P.SCALE_DTYPE, device=device))
-        zeros = None if spec.symmetric else torch.zeros(out_features, g, dtype=torch.uint8, device=device)
+    def _init_buffers(self, device: torch.device | str | None) -> None:
+        n, k, name = self.out_features, self.in_features, self.layer_name
+        if k % 2 != 0:
+            raise ValueError(f"{name or 'Int4Linear'}: int4 packing needs an even input size, got K={k}")
+        g = self.spec.groups(k)
+        self.register_buffer("weight_packed", torch.zeros(n, k // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.ones(n, g, dtype=P.SCALE_DTYPE, device=device))
+        zeros = None if self.spec.symmetric else torch.zeros(n, g, dtype=torch.uint8, device=device)
         self.register_buffer("zeros", zeros)
 
     def _store(self, codes: Tensor, scales: Tensor, zeros: Tensor | None) -> None:
@@ -375,26 +314,20 @@ class Int4Linear(PackedLinear):
     def _row_codes(self, rows: Tensor) -> Tensor:
         return P.unpack_int4(self.weight_packed[rows])
 
-    def _build_fast(self, device: torch.device) -> FastPath | None:
-        group = kernel_group(self.spec, self.in_features)
-        if group is None:
-            self._note(f"int4 kernels need a group in {list(INT4_KERNEL_GROUPS)} dividing K={self.in_features}")
-            return None
-        w = fp.Int4Weight(self.weight_packed, self.scales, self.zeros, self.in_features, self.spec.group_size)
-        if device.type == "cuda":
-            return fp.int4_cuda(w, group, self._act_int8, self._note)
-        if device.type != "cpu":
-            self._note(f"no fast path on {device.type}")
-            return None
-        return fp.int4_cpu(w, group, self._act_int8, self.kernel)
+    def packed_weights(self) -> PackedWeights:
+        s = self.spec
+        group = kernel_group(s, self.in_features)
+        return PackedWeights(
+            4, self.weight_packed, self.scales, self.zeros, self.in_features, s.group_size, self._act_int8, group
+        )
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(TableEmbedding):
     """Embedding lookup over a packed table: gathers code rows and dequantizes them.
 
-    The table is an :class:`Int8Linear`/:class:`Int4Linear` over the ``[V, d]`` matrix. With
-    tied embeddings it *is* the model's packed ``lm_head`` (held by reference, not registered,
-    so its buffers are stored once, under ``lm_head``), and the lookup reads the head's codes.
+    The table is an :class:`Int8Linear`/:class:`Int4Linear`; tied, it *is* the model's packed
+    ``lm_head`` and the lookup reads the head's codes (see
+    :class:`~qtrain.quant.embedding.TableEmbedding`).
 
     Args:
         table: the packed table module.
@@ -402,26 +335,12 @@ class QuantEmbedding(nn.Module):
         name: this module's name.
     """
 
-    def __init__(self, table: PackedLinear, tied_to: str | None = None, name: str = "tok_emb") -> None:
-        super().__init__()
-        self.tied_to = tied_to
-        self.layer_name = name
-        if tied_to is None:
-            self.table = table
-        else:
-            self.__dict__["_tied_table"] = table
-
     def get_table(self) -> PackedLinear:
         """The packed table (the tied head's module when tied)."""
-        t = self.__dict__.get("_tied_table")
-        if t is None:
-            t = self._modules["table"]
+        t = self.table_module()
         assert isinstance(t, PackedLinear)
         return t
 
     def forward(self, idx: Tensor) -> Tensor:
         """Dequantized rows: ``(B, T) -> (B, T, d)`` float32."""
         return self.get_table().dequantize_rows(idx)
-
-    def extra_repr(self) -> str:
-        return f"tied_to={self.tied_to}"

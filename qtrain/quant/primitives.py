@@ -1,7 +1,9 @@
 """Pure tensor functions: quantization parameters, codes, dequantization, int4 packing.
 
-Everything that turns floats into integer codes goes through this module, so fake-quant
-(QAT), convert, PTQ and the packed kernels agree bit for bit. Conventions:
+Everything that turns floats into integer codes goes through this module, and every code
+comes from one rounding rule, :func:`round_clamp`, so fake-quant (QAT, the LSQ backward
+included), convert, PTQ and the packed kernels agree bit for bit. Code ranges and implicit
+zero points come from the bit-width table :data:`qtrain.quant.spec.WIDTHS`. Conventions:
 
 - Weights are ``[N, K]`` (``nn.Linear`` layout: N outputs, K inputs) and are quantized in
   groups of ``group_size`` consecutive input columns; ``group_size=-1`` means one group per
@@ -34,134 +36,22 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, NamedTuple
-
 import torch
 from torch import Tensor
+
+from qtrain.quant.spec import ACTIVATION_BITS, width
+from qtrain.quant.spec import ACTIVATION_MODES as ACTIVATION_MODES  # re-exported: callers look here for codes
+from qtrain.quant.spec import SUPPORTED_BITS as SUPPORTED_BITS
+from qtrain.quant.spec import LayerSpec as LayerSpec
+from qtrain.quant.spec import QuantizedWeight as QuantizedWeight
+from qtrain.quant.spec import code_dtype as code_dtype
+from qtrain.quant.spec import code_range as code_range
+from qtrain.quant.spec import implicit_zero as implicit_zero
 
 SCALE_DTYPE = torch.bfloat16
 """Dtype every scale is rounded to (and stored in)."""
 SCALE_EPS = float(torch.finfo(torch.float32).eps)
 """Smallest scale (before bf16 rounding): keeps all-zero groups finite."""
-SUPPORTED_BITS = (4, 8)
-ACTIVATION_MODES = ("none", "int8")
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """How one layer is quantized (the per-layer entry of a checkpoint manifest).
-
-    Attributes:
-        scheme: scheme name from ``qtrain.quant.api.SCHEMES`` (informational here).
-        bits: weight bits, 4 or 8.
-        group_size: columns per scale along K, or -1 for one scale per output channel.
-        symmetric: symmetric codes, or asymmetric int4 with a uint8 zero point per group.
-        activations: ``"none"`` or ``"int8"`` (dynamic per-token activation quantization).
-
-    Example:
-        >>> spec = LayerSpec("int4", bits=4, group_size=32)
-        >>> LayerSpec.from_dict(spec.to_dict()) == spec
-        True
-    """
-
-    scheme: str
-    bits: int
-    group_size: int = -1
-    symmetric: bool = True
-    activations: str = "none"
-
-    def groups(self, in_features: int) -> int:
-        """Scales per output row for a layer with ``in_features`` inputs."""
-        return 1 if self.group_size == -1 else in_features // self.group_size
-
-    def check(self, layer: str, in_features: int) -> None:
-        """Validate this spec for a layer.
-
-        Args:
-            layer: module name used in error messages.
-            in_features: the layer's K.
-
-        Raises:
-            ValueError: bits not 4/8; group size not -1 and not dividing K; int8 with groups
-                or asymmetric; unknown activation mode.
-        """
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"{layer}: bits={self.bits} is not supported; use one of {list(SUPPORTED_BITS)}")
-        if self.group_size != -1 and (self.group_size <= 0 or in_features % self.group_size != 0):
-            raise ValueError(
-                f"{layer}: group_size={self.group_size} does not divide its input size K={in_features}; "
-                "use a divisor of K or -1 (per channel)"
-            )
-        if self.bits == 8 and (self.group_size != -1 or not self.symmetric):
-            raise ValueError(f"{layer}: int8 weights are symmetric per output channel (group_size=-1, symmetric)")
-        if self.activations not in ACTIVATION_MODES:
-            raise ValueError(f"{layer}: activations={self.activations!r} is not one of {list(ACTIVATION_MODES)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict of the fields."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LayerSpec:
-        """Build from :meth:`to_dict` output; extra keys (layer metadata) are ignored.
-
-        Args:
-            data: mapping with at least ``scheme`` and ``bits``.
-
-        Returns:
-            The spec.
-
-        Raises:
-            ValueError: a required key is missing.
-        """
-        missing = [f.name for f in fields(cls) if f.name in ("scheme", "bits") and f.name not in data]
-        if missing:
-            raise ValueError(f"layer spec {data!r} lacks key(s) {missing}")
-        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
-
-
-class QuantizedWeight(NamedTuple):
-    """Integer codes plus the parameters that reconstruct them.
-
-    Attributes:
-        codes: ``int8 [N, K]`` (8 bits) or ``uint8 [N, K]`` values 0..15 (4 bits, unpacked).
-        scales: ``bfloat16 [N, G]``.
-        zeros: ``uint8 [N, G]`` for asymmetric int4, else ``None``.
-    """
-
-    codes: Tensor
-    scales: Tensor
-    zeros: Tensor | None
-
-
-def code_range(bits: int) -> tuple[int, int]:
-    """Stored code range ``(lo, hi)``: (-128, 127) for 8 bits, (0, 15) for 4 bits.
-
-    Args:
-        bits: 4 or 8.
-
-    Returns:
-        Inclusive bounds of the stored integer codes.
-
-    Raises:
-        ValueError: bits is not 4 or 8.
-    """
-    if bits == 8:
-        return -128, 127
-    if bits == 4:
-        return 0, 15
-    raise ValueError(f"bits={bits} is not supported; use one of {list(SUPPORTED_BITS)}")
-
-
-def implicit_zero(bits: int) -> int:
-    """Zero point of symmetric codes: 0 for int8, 8 for int4 (codes stored as q + 8)."""
-    return 8 if bits == 4 else 0
-
-
-def code_dtype(bits: int) -> torch.dtype:
-    """Dtype of unpacked codes: int8 for 8 bits, uint8 for 4 bits."""
-    return torch.int8 if bits == 8 else torch.uint8
 
 
 def group_view(weight: Tensor, group_size: int) -> Tensor:
@@ -214,8 +104,9 @@ def choose_qparams(
         ValueError: unsupported bits, asymmetric int8, or group_size not dividing K.
     """
     lo, hi = code_range(bits)
-    if bits == 8 and not symmetric:
-        raise ValueError("int8 weights are symmetric; asymmetric is only supported for int4")
+    if not symmetric and not width(bits).asymmetric:
+        asym = ", ".join(f"int{b}" for b in SUPPORTED_BITS if width(b).asymmetric)
+        raise ValueError(f"int{bits} weights are symmetric; asymmetric is only supported for {asym}")
     wg = group_view(weight.detach().float(), group_size)  # (N, G, g)
     # amin + amax, not aminmax: on CPU aminmax over a short last dim is 5-20x slower than both.
     w_min, w_max = wg.amin(dim=-1), wg.amax(dim=-1)  # (N, G) each
@@ -250,6 +141,32 @@ def clamp_codes(q: Tensor, lo: Tensor | int, hi: Tensor | int) -> Tensor:
     return q.clamp_(lo, hi)
 
 
+def round_clamp(
+    v: Tensor, lo: Tensor | int, hi: Tensor | int, inside: bool = False, keep: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """THE rounding rule: ``clamp(round_half_even(v), lo, hi)`` of grid values ``v = x / scale``.
+
+    Every code qtrain computes (fake-quant forward and LSQ backward, convert, PTQ, activations)
+    comes from here, so they agree bit for bit.
+
+    Args:
+        v: values divided by their scale (``torch.div(x, scale)``), float.
+        lo: lower bound (an int or a tensor broadcastable to ``v``, see :func:`signed_bounds`).
+        hi: upper bound.
+        inside: also return where the rounded value was within the bounds (the
+            straight-through gradient's mask).
+        keep: leave ``v`` unchanged (otherwise it is rounded in place, saving a temporary).
+
+    Returns:
+        ``(codes, mask)``: the clamped integer-valued floats, and the bool mask or None.
+    """
+    q = torch.round(v) if keep else v.round_()
+    if not inside:
+        return clamp_codes(q, lo, hi), None
+    qc = torch.clamp(q, lo, hi) if isinstance(lo, Tensor) else q.clamp(lo, hi)  # type: ignore[arg-type]
+    return qc, qc == q
+
+
 def quantize(weight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int) -> Tensor:
     """Integer codes of ``weight`` for given scales and zero points.
 
@@ -277,22 +194,11 @@ def quantize(weight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, gr
 def signed_codes(weight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int) -> Tensor:
     """``clamp(round(w / scale), lo - zero, hi - zero)`` as float ``[N, G, g]`` (code - zero).
 
-    This is the single rounding rule behind :func:`quantize` and fake-quant.
-
-    Args:
-        weight: ``[N, K]`` float tensor.
-        scales: ``[N, G]`` scales.
-        zeros: ``uint8 [N, G]`` or ``None``.
-        bits: 4 or 8.
-        group_size: columns per group, or -1.
-
-    Returns:
-        Float ``[N, G, g]`` integer-valued tensor.
+    :func:`round_clamp` on the weight's groups; arguments as :func:`quantize`.
     """
     lo, hi = signed_bounds(bits, zeros)
     wg = group_view(weight.detach().float(), group_size)
-    q = torch.div(wg, scales.float().unsqueeze(-1)).round_()
-    return clamp_codes(q, lo, hi)
+    return round_clamp(torch.div(wg, scales.float().unsqueeze(-1)), lo, hi)[0]
 
 
 def dequantize(codes: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int) -> Tensor:
@@ -337,9 +243,8 @@ def fake_quantize(
     lo, hi = signed_bounds(bits, zeros)
     n, k = weight.shape
     s = scales.float().unsqueeze(-1)  # (N, G, 1)
-    q = torch.div(group_view(weight.detach().float(), group_size), s).round_()  # (N, G, g)
-    qc = torch.clamp(q, lo, hi) if isinstance(lo, Tensor) else q.clamp(lo, hi)  # type: ignore[arg-type]
-    inside = qc == q
+    qc, inside = round_clamp(torch.div(group_view(weight.detach().float(), group_size), s), lo, hi, inside=True)
+    assert inside is not None
     return qc.mul_(s).reshape(n, k), inside.reshape(n, k)
 
 
@@ -413,33 +318,8 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-class _RoundSTE(torch.autograd.Function):
-    """Round to nearest even; identity gradient."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
-        return grad
-
-
-def ste_round(x: Tensor) -> Tensor:
-    """Round with a straight-through estimator (gradient passes unchanged).
-
-    Args:
-        x: any float tensor.
-
-    Returns:
-        ``torch.round(x)`` whose backward is the identity.
-    """
-    out: Tensor = _RoundSTE.apply(x)
-    return out
-
-
 def choose_qparams_per_token(x: Tensor) -> Tensor:
-    """Symmetric int8 scale per row of activations: ``bf16(amax / 127.5)``.
+    """Symmetric int8 scale per row of activations: ``bf16(amax / 127.5)`` (half the int8 code span).
 
     Args:
         x: ``[..., K]`` activations.
@@ -450,7 +330,8 @@ def choose_qparams_per_token(x: Tensor) -> Tensor:
     xd = x.detach()
     lo, hi = xd.amin(dim=-1, keepdim=True), xd.amax(dim=-1, keepdim=True)  # faster than aminmax on CPU
     amax = torch.maximum(-lo, hi).float()
-    return round_scale(amax / 127.5)
+    qlo, qhi = code_range(ACTIVATION_BITS)
+    return round_scale(amax / ((qhi - qlo) / 2))
 
 
 def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -463,8 +344,8 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
         ``(codes, scales)``: int8 ``[..., K]`` and bfloat16 ``[..., 1]``.
     """
     scales = choose_qparams_per_token(x)
-    q = torch.div(x.detach().float(), scales.float()).round_().clamp_(-128, 127)
-    return q.to(torch.int8), scales
+    q, _ = round_clamp(torch.div(x.detach().float(), scales.float()), *code_range(ACTIVATION_BITS))
+    return q.to(code_dtype(ACTIVATION_BITS)), scales
 
 
 def fake_quantize_per_token(x: Tensor) -> Tensor:
@@ -479,5 +360,5 @@ def fake_quantize_per_token(x: Tensor) -> Tensor:
         Tensor like ``x``.
     """
     s = choose_qparams_per_token(x).float()  # (..., 1)
-    q = torch.div(x.detach().float(), s).round_().clamp_(-128, 127).mul_(s)
+    q = round_clamp(torch.div(x.detach().float(), s), *code_range(ACTIVATION_BITS))[0].mul_(s)
     return q if q.dtype == x.dtype else q.to(x.dtype)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtrain.modes import run
-from qtrain.runner import RunContext
+from qtrain.modes.context import RunContext
+from qtrain.modes.dispatch import run
 from tests.conftest import SHRINK, compose_cfg, run_qtrain
 
 pytestmark = pytest.mark.integration

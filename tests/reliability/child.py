@@ -44,7 +44,7 @@ def _install_pause(step: int, ready: Path, hold: bool) -> None:
         if self.step == step:
             ready.write_text(str(os.getpid()))
             deadline = time.monotonic() + 120
-            while not self.hooks.stop.is_set() and time.monotonic() < deadline:
+            while not self.callbacks.stop.is_set() and time.monotonic() < deadline:
                 time.sleep(0.01)  # the SIGTERM handler runs between these sleeps
             if hold:
                 ready.with_suffix(".stopping").write_text("")
@@ -55,7 +55,7 @@ def _install_pause(step: int, ready: Path, hold: bool) -> None:
 
 
 def _install_eval_pause(ready: Path) -> None:
-    from qtrain import runner
+    from qtrain.modes import context
 
     def val_loss(*args: object, **kwargs: object) -> float:
         ready.write_text(str(os.getpid()))
@@ -64,7 +64,7 @@ def _install_eval_pause(ready: Path) -> None:
             time.sleep(0.01)  # the signal ends the run from inside this sleep
         raise AssertionError("no signal came")
 
-    runner.val_loss = val_loss  # type: ignore[assignment]
+    context.val_loss = val_loss  # type: ignore[assignment]
 
 
 def _install_pause_in(target: str, ready: Path) -> None:

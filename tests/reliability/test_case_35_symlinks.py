@@ -16,7 +16,7 @@ import pytest
 from qtrain import checkpoint as ck
 from qtrain import rundir
 from qtrain.errors import ConfigError
-from qtrain.report import write_report
+from qtrain.modes.results import write_report
 from tests.reliability.conftest import copy_run, execute, published_hashes, qtrain
 
 PRECIOUS = b"precious: nobody may write here\n"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qtrain.resume_check import compare, is_safe
+from qtrain.modes.resume_check import compare, is_safe
 from tests.reliability.conftest import (
     copy_run,
     execute,

@@ -51,8 +51,8 @@ def _ckpt(trained: Path) -> Path:
     ("mode", "target", "sig"),
     [
         ("generate", "qtrain.evaluate:_sample", signal.SIGTERM),  # between sampled tokens
-        ("ptq", "qtrain.quant.ptq:gptq_quantize", signal.SIGINT),  # between GPTQ layers
-        ("verify", "qtrain.checkpoint.load:_sha256", signal.SIGTERM),  # between hashed files
+        ("ptq", "qtrain.quant.gptq:gptq_quantize", signal.SIGINT),  # between GPTQ layers
+        ("verify", "qtrain.checkpoint.load:sha256_of", signal.SIGTERM),  # between hashed files
     ],
 )
 def test_case_42_signal_in_the_middle_of_a_mode(
@@ -74,7 +74,7 @@ def test_case_42_signal_in_the_middle_of_a_mode(
 def test_case_42_signal_during_report(trained: Path, tmp_path: Path) -> None:
     out = tmp_path / "report"
     args = ["mode=report", f"runs=[{trained}]", f"hydra.run.dir={out}"]
-    code, _, err = _stop_in(args, "qtrain.sweep_jobs:_read_json", signal.SIGINT, tmp_path)
+    code, _, err = _stop_in(args, "qtrain.modes.sweep_jobs:_read_json", signal.SIGINT, tmp_path)
     _assert_stopped(code, err, signal.SIGINT)
     assert {p.name for p in out.iterdir()} <= {".hydra", "status.json"}  # no table, plot or report
 

@@ -18,8 +18,9 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from qtrain import checkpoint as ck
-from qtrain import memory, sysmem
+from qtrain import sysmem
 from qtrain.model import GPT
+from qtrain.modes import memory
 from tests.conftest import compose_cfg
 from tests.reliability.conftest import (
     copy_run,

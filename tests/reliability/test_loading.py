@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from qtrain import checkpoint as ck
 from qtrain.checkpoint import write as ck_write  # the low-level writers the tests break
 from qtrain.errors import CheckpointError
-from qtrain.runner import model_from_checkpoint
+from qtrain.modes.loading import model_from_checkpoint
 from tests.numerics import assert_close_across_cpus, model_reductions
 from tests.reliability.conftest import (
     FIXTURES,

@@ -385,8 +385,8 @@ def test_case_31_every_valid_scheme_passes_the_checks(name: str, state: str, tmp
     verifies, and the model rebuilt from the manifest gives the saved model's logits."""
     from dataclasses import asdict
 
+    from qtrain import quant as api
     from qtrain.config import ModelConfig, QuantConfig
-    from qtrain.quant import api
 
     settings, tied = SCHEMES[name]
     model = qmodel.GPT(ModelConfig(n_layer=1, n_embd=64, n_head=2, mlp_hidden=64, block_size=16, tie_embeddings=tied))

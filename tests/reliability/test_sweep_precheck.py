@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from qtrain.config import RunConfig, TrainConfig, warnings_for
+from qtrain.modes.resume import schedule_change
 from qtrain.precheck import check
-from qtrain.runner import schedule_change
 from tests.reliability.conftest import SHRINK, copy_run, execute, qtrain
 
 

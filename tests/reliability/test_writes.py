@@ -113,7 +113,7 @@ def test_case_03_disk_full_during_save(
     root = run / "checkpoints"
     before: dict[str, str] = {}
     budget = [50_000]  # the disk fills up in the middle of step 6's model file
-    original = ck_write._open_new
+    original = ck_write.open_new
 
     def open_new(path: Path) -> IO[bytes]:
         if "step_0000006" not in path.parent.name:
@@ -122,7 +122,7 @@ def test_case_03_disk_full_during_save(
             before.update(published_hashes(root))
         return _FullDisk(original(path), budget)  # type: ignore[return-value]
 
-    monkeypatch.setattr(ck_write, "_open_new", open_new)
+    monkeypatch.setattr(ck_write, "open_new", open_new)
     code = execute({"train.max_steps": 6, "train.save_every": 2, "train.keep": 2}, run)
     assert code == 5
     err = capsys.readouterr().err
@@ -137,8 +137,8 @@ def test_case_03_disk_full_during_save(
 def test_case_03_safetensors_writes_report_enospc_as_oserror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The weights go through Python file I/O, so a full disk is an OSError(ENOSPC), not a Rust error."""
     budget = [100]
-    original = ck_write._open_new
-    monkeypatch.setattr(ck_write, "_open_new", lambda p: _FullDisk(original(p), budget))
+    original = ck_write.open_new
+    monkeypatch.setattr(ck_write, "open_new", lambda p: _FullDisk(original(p), budget))
     with pytest.raises(OSError) as info:
         ck.write_safetensors({"w": torch.zeros(1000)}, tmp_path / "w.safetensors")
     assert info.value.errno == errno.ENOSPC

@@ -13,7 +13,7 @@ from qtrain import checkpoint as ck
 from qtrain.config import ModelConfig
 from qtrain.errors import CheckpointError
 from qtrain.model import GPT
-from qtrain.runner import model_from_checkpoint
+from qtrain.modes.loading import model_from_checkpoint
 from tests.numerics import assert_close_across_cpus, model_reductions
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

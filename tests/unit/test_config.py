@@ -64,7 +64,7 @@ def test_model_sizes_match_their_names() -> None:
     import torch
 
     from qtrain.model import GPT
-    from qtrain.runner import n_params_of
+    from qtrain.modes.context import n_params_of
 
     expected = {"tiny": (0.2e6, 0.3e6), "small": (8e6, 12e6), "medium": (40e6, 60e6), "base": (100e6, 150e6),
                 "1b": (0.9e9, 1.2e9)}

@@ -15,8 +15,8 @@ from qtrain import checkpoint as ck
 from qtrain.config import DataConfig
 from qtrain.corpus import corpus_fingerprint, pydocs_bytes
 from qtrain.data import BatchSampler, DataError, load_corpus, pydocs_text, val_starts
-from qtrain.modes import run
-from qtrain.runner import RunContext
+from qtrain.modes.context import RunContext
+from qtrain.modes.dispatch import run
 from tests.conftest import SHRINK, compose_cfg
 
 # The embedded pydocs snapshot: CPython 3.11.7's pydoc_data.topics as qtrain joined it

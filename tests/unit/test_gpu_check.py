@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from qtrain import quant as api
 from qtrain.config import QuantConfig
-from qtrain.quant import api
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.py"
 

@@ -1,4 +1,4 @@
-"""qtrain.memory (the peak-memory estimate), qtrain.sysmem (the memory a process may use) and
+"""qtrain.modes.memory (the peak-memory estimate), qtrain.sysmem (the memory a process may use) and
 activation checkpointing in the model."""
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qtrain import memory, sysmem
+from qtrain import sysmem
 from qtrain.config import ModelConfig, RunConfig, TrainConfig
 from qtrain.model import GPT
+from qtrain.modes import memory
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["model.n_layer=2", "model.n_embd=128", "model.n_head=4", "model.mlp_hidden=256", "model.block_size=256"]
@@ -100,7 +101,7 @@ def test_estimate_within_30_percent_of_measured_peak_rss(tmp_path: Path) -> None
     """A real run in a fresh process: its report's estimate against its own peak resident size.
 
     The run is sized so activations are most of the peak (about 0.4 of 0.7 GB); 30% leaves room
-    for the allocator, which the estimate models only roughly (see qtrain.memory).
+    for the allocator, which the estimate models only roughly (see qtrain.modes.memory).
     """
     run = tmp_path / "run"
     args = ["mode=train", *SMALL, "train.batch_size=32", "train.max_steps=2", "train.warmup_steps=0"]

@@ -47,8 +47,8 @@ def test_kv_cache_matches_full_recompute() -> None:
 
 
 def test_decode_step_equals_the_cached_forward() -> None:
+    from qtrain import quant as api
     from qtrain.config import QuantConfig
-    from qtrain.quant import api
 
     base = _model()
     packed = api.convert(_model(), QuantConfig(scheme="int4", group_size=32)).eval()

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from qtrain import checkpoint as ck
-from qtrain.runner import model_from_checkpoint
+from qtrain.modes.loading import model_from_checkpoint
 from tests.numerics import assert_close_across_cpus, model_reductions, summation_order_tol
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

@@ -13,6 +13,7 @@ from rich.console import Console
 from qtrain import progress
 from qtrain.console import PIPE_WIDTH, QConsole, plain_logging
 from qtrain.progress import Hub, TrainProgress, TrainStats, format_banner, format_duration, format_train_line, phase
+from qtrain.quant.recipe import QuantRecipe
 from tests.conftest import SHRINK, run_qtrain
 
 FIELDS = ("step", "loss", "lr", "tok/s", "val_loss", "elapsed", "eta")
@@ -45,11 +46,12 @@ def test_format_duration(seconds: float | None, text: str) -> None:
 def test_banner_and_scheme_label() -> None:
     text = format_banner({"mode": "ptq", "model": "tiny (246,240 params)", "steps": None, "run dir": "/r"})
     assert text == "qtrain ptq | model tiny (246,240 params) | run dir /r"
-    assert progress.scheme_label(None) == "full precision"
-    assert progress.scheme_label({"scheme": "int4", "group_size": 32, "symmetric": False}) == (
+    # the banner's scheme text (`qtrain.modes.context.announce`) is the recipe's banner label
+    assert QuantRecipe.from_config(None).banner_label == "full precision"
+    assert QuantRecipe.from_config({"scheme": "int4", "group_size": 32, "symmetric": False}).banner_label == (
         "int4 (group 32, asymmetric)"
     )
-    assert progress.scheme_label({"scheme": "int8", "group_size": 32}) == "int8"
+    assert QuantRecipe.from_config({"scheme": "int8", "group_size": 32}).banner_label == "int8"
 
 
 def _train(p: TrainProgress, upto: int, max_steps: int = 10, val_at: int = 5) -> None:

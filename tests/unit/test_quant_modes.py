@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from qtrain import checkpoint as ck
-from qtrain.modes import run
-from qtrain.quant import api
+from qtrain import quant as api
+from qtrain.modes.context import RunContext
+from qtrain.modes.dispatch import run
+from qtrain.modes.loading import model_from_checkpoint
+from qtrain.modes.training import schedule_callback
 from qtrain.quant.fake import FakeQuantLinear
-from qtrain.quant_modes import schedule_callback
-from qtrain.runner import RunContext, model_from_checkpoint
 from tests.conftest import SHRINK, compose_cfg
 
 EVENTS: list[tuple[str, object]] = []

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from qtrain.modes import run
-from qtrain.report import fmt_number, summary_table
-from qtrain.runner import RunContext
+from qtrain.modes.context import RunContext
+from qtrain.modes.dispatch import run
+from qtrain.modes.results import summary_table
+from qtrain.report_format import fmt_number
 from tests.conftest import compose_cfg
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtrain import sweep_report as sr
 from qtrain.errors import ConfigError
-from qtrain.modes import MODES, run
-from qtrain.runner import RunContext
+from qtrain.modes import report as sr
+from qtrain.modes.context import RunContext
+from qtrain.modes.dispatch import MODES, run
 from tests.conftest import compose_cfg
 
 INT4 = {"scheme": "int4", "group_size": 32, "symmetric": True, "activations": "none", "embeddings": False,
@@ -219,7 +219,7 @@ def test_rows_on_another_validation_corpus_are_flagged(
 
 def test_plot_one_colour_per_run_reference_line_and_legend_outside(new_sweep: Path) -> None:
     pytest.importorskip("matplotlib")
-    from qtrain import sweep_plot
+    from qtrain.modes import sweep_plot
 
     jobs = [sr.read_job(p) for p in sr.find_job_dirs([str(new_sweep)])]
     rows = sr.build_rows(jobs)

@@ -13,7 +13,7 @@ from qtrain.config import ModelConfig, TrainConfig
 from qtrain.data import BatchSampler
 from qtrain.errors import NonFiniteError
 from qtrain.model import GPT
-from qtrain.train import Hooks, Trainer, lr_factor
+from qtrain.train import TrainCallbacks, Trainer, lr_factor
 
 CFG = ModelConfig(n_layer=1, n_embd=32, n_head=2, mlp_hidden=64, block_size=32)
 TOKENS = torch.tensor(list(("the quick brown fox jumps over the lazy dog. " * 200).encode()), dtype=torch.uint8)
@@ -97,6 +97,6 @@ def test_periodic_eval_and_save_callbacks() -> None:
     saved: list[int] = []
     t = _trainer(6)
     t.cfg.eval_every, t.cfg.save_every = 3, 2
-    t.hooks = Hooks(eval_fn=lambda m: 1.5, save_fn=lambda step, state: saved.append(step))
+    t.callbacks = TrainCallbacks(eval_fn=lambda m: 1.5, save_fn=lambda step, state: saved.append(step))
     summary = t.fit()
     assert saved == [2, 4] and summary["val_loss"] == 1.5 and summary["step"] == 6

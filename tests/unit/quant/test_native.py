@@ -12,13 +12,12 @@ import torch.nn.functional as F
 
 from qtrain.quant import native
 from qtrain.quant import primitives as P
-from qtrain.quant.fastpaths import NATIVE_MAX_ROWS
+from qtrain.quant.kernels import NATIVE_MAX_ROWS
 from qtrain.quant.packed import Int4Linear, Int8Linear, PackedLinear
 from qtrain.quant.primitives import LayerSpec
 
-CAN_BUILD = (
-    torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    and any(shutil.which(c) for c in ("cc", "gcc", "clang"))
+CAN_BUILD = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") and any(
+    shutil.which(c) for c in ("cc", "gcc", "clang")
 )
 needs_native = pytest.mark.skipif(not CAN_BUILD, reason="needs an AVX2 CPU and a C compiler")
 

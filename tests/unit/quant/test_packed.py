@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qtrain.quant import fastpaths
+from qtrain.quant import kernels
 from qtrain.quant import primitives as P
 from qtrain.quant.packed import Int4Linear, Int8Linear, PackedLinear, QuantEmbedding
 from qtrain.quant.primitives import LayerSpec
@@ -60,7 +60,7 @@ def test_fast_cpu_kernel_matches_reference(name: str, n: int, k: int, rows: int)
 @pytest.mark.parametrize("name", ["int8", "int4", "int4_asym", "int8da_int4w"])
 def test_many_rows_use_the_exact_reference_path(name: str) -> None:
     mod = _make(SPECS[name], 64, 128)
-    x = torch.randn(2, fastpaths.CPU_KERNEL_MAX_ROWS, 128)
+    x = torch.randn(2, kernels.CPU_KERNEL_MAX_ROWS, 128)
     assert torch.equal(mod(x), mod.reference_forward(x))
 
 

@@ -131,12 +131,21 @@ def test_pack_layout_low_nibble_is_even_column() -> None:
     assert rows.shape == (2, 3, 4)
 
 
-def test_ste_round_gradient_is_identity() -> None:
-    x = torch.tensor([0.4, 1.6, -2.5], requires_grad=True)
-    y = P.ste_round(x)
-    assert y.tolist() == [0.0, 2.0, -2.0]
-    y.sum().backward()
-    assert x.grad is not None and x.grad.tolist() == [1.0, 1.0, 1.0]
+def test_round_clamp_is_half_even_then_clamp() -> None:
+    v = torch.tensor([0.4, 1.6, -2.5, 2.5, 9.0, -9.5])
+    codes, inside = P.round_clamp(v, -8, 7, inside=True, keep=True)
+    assert codes.tolist() == [0.0, 2.0, -2.0, 2.0, 7.0, -8.0]
+    assert inside is not None and inside.tolist() == [True, True, True, True, False, False]
+    assert v.tolist() == [0.4000000059604645, 1.600000023841858, -2.5, 2.5, 9.0, -9.5]  # keep: untouched
+    codes2, none = P.round_clamp(v, -8, 7)  # in place
+    assert none is None and codes2.data_ptr() == v.data_ptr() and torch.equal(codes2, codes)
+
+
+def test_bit_widths_derive_ranges_and_zero_points() -> None:
+    assert (P.code_range(8), P.implicit_zero(8), P.code_dtype(8)) == ((-128, 127), 0, torch.int8)
+    assert (P.code_range(4), P.implicit_zero(4), P.code_dtype(4)) == ((0, 15), 8, torch.uint8)
+    with pytest.raises(ValueError, match=r"bits=3 is not supported; use one of \[4, 8\]"):
+        P.code_range(3)
 
 
 def test_per_token_activation_quantization() -> None:

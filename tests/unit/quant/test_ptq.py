@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 
+from qtrain import quant as api
 from qtrain.config import ModelConfig, QuantConfig
 from qtrain.model import GPT
-from qtrain.quant import api, ptq
 from qtrain.quant import primitives as P
+from qtrain.quant import ptq
 from qtrain.quant.fake import FakeQuantLinear
 from qtrain.quant.packed import PackedLinear
 from qtrain.quant.primitives import LayerSpec
@@ -64,7 +65,7 @@ def test_gptq_beats_rtn_output_error_with_correlated_inputs(spec: LayerSpec) -> 
 
 def test_gptq_hessian_uses_int8_inputs_for_int8_activations(trained_ish: GPT) -> None:
     x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(4)) * 3
-    plain, act = ptq._HessianHook(64, torch.device("cpu")), ptq._HessianHook(64, torch.device("cpu"), act_int8=True)
+    plain, act = ptq.HessianHook(64, torch.device("cpu")), ptq.HessianHook(64, torch.device("cpu"), act_int8=True)
     plain(torch.nn.Identity(), (x,))
     act(torch.nn.Identity(), (x,))
     xq = P.fake_quantize_per_token(x.reshape(-1, 64))

@@ -1,21 +1,18 @@
-"""A run's result: `report.json` (written last) and the same summary as a rich table.
+"""How every table qtrain prints shows its values, and the name of a run's result file.
 
-Every table qtrain prints formats numbers through :func:`fmt_number`, so one quantity reads
-the same in the run summary, `mode=report` and `mode=verify`.
+Every table formats numbers through :func:`fmt_number`, so one quantity reads the same in
+the run summary, `mode=report` and `mode=verify`; :func:`print_wide` keeps tables readable
+in pipes and log files. Writing `report.json` is `qtrain.modes.results.write_report`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from qtrain.console import console, plain, rank
-from qtrain.corpus import describe
-from qtrain.rundir import write_atomic
+from qtrain.console import console, rank
 
 REPORT_FILE = "report.json"
 TABLE_WIDTH = 200
@@ -60,7 +57,8 @@ def fmt_number(value: float | int | None, sign: bool = False, digits: int = SIGN
     return format(value, f"{plus}#.{digits}g").rstrip(".")  # '#': 11.830, not 11.83 beside 11.831
 
 
-def _fmt(value: Any) -> str:
+def fmt_entry(value: Any) -> str:
+    """A report entry as a table cell: numbers through :func:`fmt_number`, dicts as ``key=value`` lists."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return fmt_number(value)
     if isinstance(value, dict):
@@ -79,19 +77,6 @@ def _fmt_nested(key: str, value: Any) -> str:
     return str(value)
 
 
-def summary_table(report: dict[str, Any], title: str = "qtrain run") -> Table:
-    """A two-column table of the report's entries."""
-    table = Table(title=plain(title), show_header=True, header_style="bold")
-    table.add_column("key")
-    table.add_column("value", overflow="fold")
-    for key, value in report.items():
-        if key in ("layers",):
-            continue
-        text = describe(value) if key == "corpus" and isinstance(value, dict) else _fmt(value)
-        table.add_row(plain(key), plain(text))  # paths, prompts, generated text: never markup
-    return table
-
-
 def print_wide(table: Table) -> None:
     """Print a table on rank 0; a pipe or log file gets :data:`TABLE_WIDTH` columns, not rich's 80.
 
@@ -108,17 +93,3 @@ def print_wide(table: Table) -> None:
         console.print(table)
     finally:
         console.__dict__["_width"] = saved
-
-
-def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
-    """Write `report.json` atomically (rank 0 only) and print the summary table.
-
-    Raises:
-        ConfigError: `report.json` or its temporary is a planted link or not a regular file.
-    """
-    path = run_dir / REPORT_FILE
-    if rank() != 0:
-        return path
-    write_atomic(path, json.dumps(report, indent=2, sort_keys=False, default=str) + "\n")  # never through a link
-    print_wide(summary_table(report, title=f"qtrain {report.get('mode', '')}"))
-    return path

@@ -8,7 +8,7 @@ rich table and writes, into the current run dir:
 
 - `report_table.json`: the rows as data;
 - `report.png` (when matplotlib is installed, `pip install "qtrain[plot]"`): validation
-  perplexity against stored bits per weight, and the loss curves (`qtrain.sweep_plot`).
+  perplexity against stored bits per weight, and the loss curves (`qtrain.modes.sweep_plot`).
 
 Columns: the job (its overrides that differ between jobs), scheme, method, validation
 perplexity, perplexity relative to the run's full-precision reference (PTQ, and
@@ -39,37 +39,17 @@ from rich.text import Text
 
 from qtrain.console import info, warn
 from qtrain.errors import ConfigError
-from qtrain.report import fmt_number, print_wide
+from qtrain.modes.context import RunContext
+from qtrain.modes.sweep_jobs import find_job_dirs, read_job
+from qtrain.modes.sweep_plot import OTHER_CORPUS, PLOT_FILE, plot_available, write_plot
+from qtrain.modes.sweep_rows import Row, build_rows, flag_corpora
+from qtrain.report_format import fmt_number, print_wide
 from qtrain.rundir import make_dirs, write_atomic
-from qtrain.runner import RunContext
-from qtrain.sweep_jobs import METRICS_FILE, STATUS_FILE, Job, find_job_dirs, read_job
-from qtrain.sweep_plot import OTHER_CORPUS, PLOT_FILE, plot_available, write_plot
-from qtrain.sweep_rows import Row, build_rows, flag_corpora, job_row, quant_config, scheme_label
-
-__all__ = [
-    "METRICS_FILE",
-    "PLOT_FILE",
-    "STATUS_FILE",
-    "TABLE_FILE",
-    "Job",
-    "Row",
-    "build_rows",
-    "find_job_dirs",
-    "job_row",
-    "plot_available",
-    "quant_config",
-    "read_job",
-    "rows_table",
-    "run_report",
-    "scheme_label",
-    "write_plot",
-    "write_table",
-]
 
 TABLE_FILE = "report_table.json"
 MB = 1e6
 MEASURED_DIGITS = 3
-"""Significant digits of every column but perplexity (which keeps qtrain.report.SIGNIFICANT)."""
+"""Significant digits of every column but perplexity (which keeps qtrain.report_format.SIGNIFICANT)."""
 
 
 # ---------------------------------------------------------------- output
@@ -125,7 +105,7 @@ def _cells(r: Row) -> list[Text]:
 
 
 def rows_table(rows: list[Row], title: str = "qtrain report") -> Table:
-    """The rich table of the rows (numbers through :func:`qtrain.report.fmt_number`)."""
+    """The rich table of the rows (numbers through :func:`qtrain.report_format.fmt_number`)."""
     table = Table(title=Text(title), show_header=True, header_style="bold")
     for col, justify in COLUMNS:
         table.add_column(col, justify=justify, overflow="fold")  # type: ignore[arg-type]

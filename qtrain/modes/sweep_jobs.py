@@ -1,4 +1,8 @@
-"""Finding the run dirs of `mode=report` (runs and multirun sweeps) and reading what each left.
+"""The files a run (job) leaves for `mode=report`: writing a job's status, finding run dirs, reading them.
+
+`cli` records each job's exit code and overrides in its `status.json` and a sweep's summary
+in `sweep_status.json` (`write_status`, `write_sweep_status`); `mode=report` reads them back
+here, with the job's `report.json`, `metrics.jsonl` and `.hydra/overrides.yaml`.
 
 A run (job) dir holds any of `report.json`, `status.json`, `metrics.jsonl` or `.hydra/`;
 a sweep dir holds job dirs (ordered by their Hydra job number). Unreadable or torn files are
@@ -18,11 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qtrain import rundir, runlock
+from qtrain.console import err_console, labelled, rank
 from qtrain.errors import ConfigError
-from qtrain.report import REPORT_FILE
+from qtrain.report_format import REPORT_FILE
 from qtrain.rundir import READ_LIMIT, RunFileError, open_regular, read_regular
 
 STATUS_FILE = "status.json"
+SWEEP_STATUS_FILE = "sweep_status.json"
 METRICS_FILE = "metrics.jsonl"
 LABEL_SKIP = ("init_from", "compare_to", "data.path", "out", "runs", "hydra.")
 """Overrides left out of job labels (paths, Hydra's own settings): status.json keeps them."""
@@ -47,6 +54,35 @@ class Job:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     """What could not be read, or was of the wrong kind or type (shown in the status column)."""
+
+
+# ---------------------------------------------------------------- writing (cli, after each job)
+
+
+def write_status(run_dir: Path, code: int, overrides: list[str]) -> None:
+    """status.json (rank 0), under the run dir's lock: never into a dir another live qtrain holds, nor via a link."""
+    if rank() != 0:
+        return
+    status = {"exit_code": code, "ok": code == 0, "overrides": overrides}
+    try:
+        rundir.make_dirs(run_dir)
+        with runlock.hold(run_dir):
+            rundir.write_atomic(run_dir / STATUS_FILE, json.dumps(status, indent=2) + "\n")
+    except ConfigError as err:
+        err_console.print(labelled("warning", "yellow", f"{STATUS_FILE} not written: {err}"))
+
+
+def write_sweep_status(sweep_dir: Path, jobs: list[dict[str, Any]], failed: int) -> None:
+    """sweep_status.json: every job of a sweep with its exit code, and the counts.
+
+    Raises:
+        ConfigError: a planted link or a directory in its place (refused, never written through).
+    """
+    summary = {"jobs": jobs, "failed": failed, "succeeded": len(jobs) - failed}
+    rundir.write_atomic(sweep_dir / SWEEP_STATUS_FILE, json.dumps(summary, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- reading (mode=report)
 
 
 def _is_job_dir(path: Path) -> bool:

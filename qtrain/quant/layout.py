@@ -13,10 +13,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from qtrain.quant.fake import FakeQuantEmbedding, FakeQuantLinear
-from qtrain.quant.layers import _embedding_children, layer_shape, set_module
-from qtrain.quant.packed import PackedLinear, QuantEmbedding, check_kernel
-from qtrain.quant.primitives import LayerSpec
+from qtrain.quant.kernels import check_kernel
+from qtrain.quant.packed import PackedLinear, QuantEmbedding
 from qtrain.quant.schemes import packed_class
+from qtrain.quant.spec import LayerSpec
+from qtrain.quant.targets import embedding_modules, layer_shape, set_module
 
 
 # -- metadata, skeletons, kernels -------------------------------------------------------------
@@ -31,7 +32,7 @@ def layer_specs(model: nn.Module) -> dict[str, dict[str, Any]]:
         out_features, tied_to}}`` with ``kind`` ``"linear"`` or ``"embedding"``; JSON-able.
     """
     out: dict[str, dict[str, Any]] = {}
-    skip = _embedding_children(model)
+    skip = embedding_modules(model)
     for name, m in model.named_modules():
         if isinstance(m, (FakeQuantEmbedding, QuantEmbedding)):
             t = m.get_table()

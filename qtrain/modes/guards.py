@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from qtrain import checkpoint as ck
-from qtrain import memory, sysmem
+from qtrain import sysmem
 from qtrain.config import ModelConfig, RunConfig
 from qtrain.console import warn
 from qtrain.corpus import corpus_size
 from qtrain.errors import CheckpointError, ConfigError, ResourceError
+from qtrain.modes import memory
 
 MEMORY_MODES = ("train", "qat", "finetune", "ptq")
 """Modes whose peak memory is estimated, printed and checked before anything is allocated."""
@@ -28,7 +29,7 @@ MEMORY_MODES = ("train", "qat", "finetune", "ptq")
 def memory_check(
     cfg: RunConfig, device: torch.device, model: ModelConfig, loaded: str | None = None, ckpt: Path | None = None
 ) -> tuple[dict[str, int], str] | None:
-    """Estimate the run's peak memory; exit 5 when it cannot fit (see `qtrain.memory`).
+    """Estimate the run's peak memory; exit 5 when it cannot fit (see `qtrain.modes.memory`).
 
     On CUDA the device's free memory is compared (activations counted in bf16); on CPU the
     memory the process may use (`qtrain.sysmem`), the corpus included. A checkpoint whose

@@ -16,10 +16,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from qtrain.report import fmt_number
+from qtrain.modes.sweep_jobs import Job
+from qtrain.modes.sweep_rows import FULL_PRECISION_LABEL, Row
+from qtrain.report_format import fmt_number
 from qtrain.rundir import write_atomic
-from qtrain.sweep_jobs import Job
-from qtrain.sweep_rows import Row
 
 PLOT_FILE = "report.png"
 OTHER_CORPUS = "*"
@@ -56,7 +56,7 @@ def references(rows: list[Row]) -> list[float]:
     for r in rows:
         if not r.ok:
             continue
-        ref = r.reference_val_ppl if r.reference_val_ppl else (r.val_ppl if r.scheme == "fp32" else None)
+        ref = r.reference_val_ppl if r.reference_val_ppl else (r.val_ppl if r.scheme == FULL_PRECISION_LABEL else None)
         if ref and ref > 0 and all(not math.isclose(ref, seen, rel_tol=1e-9) for seen in refs):
             refs.append(ref)
     return refs

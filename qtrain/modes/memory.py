@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 from qtrain.config import TRAINING_MODES, ModelConfig, RunConfig
 from qtrain.corpus import COPIES
+from qtrain.quant.ptq import METHODS
+from qtrain.quant.recipe import QuantRecipe
 
 GB = 1e9
 HEAP_MMAP_MAX = 32 * 2**20
@@ -144,7 +146,7 @@ def _activations(cfg: RunConfig, m: ModelConfig, act_bytes: int) -> list[tuple[s
     logits' gradients) or inside a block (its gradients; with checkpointing, its recomputation)."""
     t, mode = cfg.train, cfg.mode.name
     tokens = t.batch_size * m.block_size
-    act_int8 = mode in ("qat", "finetune") and (cfg.quant.activations == "int8" or cfg.quant.scheme == "int8da_int4w")
+    act_int8 = mode in ("qat", "finetune") and QuantRecipe.from_config(cfg.quant).quantizes_activations
     one = block_saved(m, act_int8)
     c, f, v = m.n_embd, m.mlp_hidden, m.vocab_size
     at_logits = head_saved(m) + [v, v] + ([v, v, v, v] if cfg.qat.distill and mode == "qat" else [])
@@ -165,7 +167,7 @@ def _activations(cfg: RunConfig, m: ModelConfig, act_bytes: int) -> list[tuple[s
 
 def loading_phase(m: ModelConfig, loaded: str) -> list[tuple[str, int]]:
     """A checkpoint's tensors while the model is built from them (``loaded``: its scheme); freed after."""
-    bits = {"none": 32, "int8": 8}.get(loaded, 4)
+    bits = QuantRecipe.from_config({"scheme": loaded}).weight_bits
     lin = block_linear_params(m)
     return [("weights", 4 * n_params(m)), ("checkpoint tensors", lin * bits // 8 + 4 * (n_params(m) - lin))]
 
@@ -212,12 +214,14 @@ def calibration_phase(cfg: RunConfig, m: ModelConfig, method: str) -> list[tuple
     c, f = m.n_embd, m.mlp_hidden
     parts = [("weights", 4 * n_params(m))]
     widest = max(4 * c * c, 3 * c * f)  # largest projection (qkv or gate_up rows x columns)
-    if method != "gptq":
+    if not METHODS[method].needs_calibration:
         return parts + [(f"{method} per-layer work", 6 * 4 * widest)]
     batch = cfg.train.batch_size * m.block_size
     n = cfg.ptq.calib_batches
     parts.append((f"calibration ({n} x {cfg.train.batch_size} x {m.block_size} tokens)", n * batch * (2 * 4 * c + 8)))
-    parts.append(("GPTQ Hessians and factors", 4 * (3 * c * c + f * f) + 4 * 4 * max(c, f) ** 2 + 3 * 4 * widest))
+    parts.append(
+        (f"{method.upper()} Hessians and factors", 4 * (3 * c * c + f * f) + 4 * 4 * max(c, f) ** 2 + 3 * 4 * widest)
+    )
     parts.append(("calibration forward", _tensors(eval_widths(m), batch, 4)))
     return parts
 
@@ -332,7 +336,7 @@ def remedies(cfg: RunConfig, model: ModelConfig, limit: int, setting: Setting = 
                 if size >= 16 and (need := fits(cfg, dataclasses.replace(model, block_size=size))) is not None:
                     out.append(f"model.block_size={size} (a shorter context; about {gb(need)})")
                     break
-    if cfg.mode.name == "ptq" and cfg.ptq.method == "gptq" or cfg.mode.name == "qat" and cfg.init_from:
+    if cfg.mode.name == "ptq" and METHODS[cfg.ptq.method].needs_calibration or cfg.mode.name == "qat" and cfg.init_from:
         for n in (cfg.ptq.calib_batches // 2**k for k in range(1, 8)):
             if n >= 1 and (need := fits(dataclasses.replace(cfg, ptq=dataclasses.replace(cfg.ptq, calib_batches=n)))):
                 out.append(f"ptq.calib_batches={n} (about {gb(need)})")

@@ -1,22 +1,16 @@
-"""Checkpoint tools behind the one entrypoint: `qtrain mode=verify` and `qtrain mode=upgrade`.
+"""What `mode=verify` and `mode=upgrade` find in a checkpoint, and how they show it.
 
-`verify` checks a checkpoint (or every checkpoint of a run dir) through the very path loading
-takes (`checkpoint.verify_checkpoint`: manifest seal and values, file list, sizes, SHA-256,
+`verify_full` checks a checkpoint through the very path loading takes
+(`checkpoint.verify_checkpoint`: manifest seal and values, file list, sizes, SHA-256,
 safetensors headers, tensors against the described model on the meta device, quantization
 parameters, trainer state), then reads every tensor and loads the weights strictly into the
-model, as loading does. What verify accepts loads; what loading refuses, verify refuses. It
-prints what the checkpoint holds. `upgrade` writes a migrated copy at the current format
-version into a new directory, atomically, and never touches the original.
-
-Example:
-    $ qtrain mode=verify init_from=outputs/2025-01-01/12-00-00            # every checkpoint of a run
-    $ qtrain mode=upgrade init_from=old/step_0000500 out=upgraded/step_0000500
+model, as loading does: what verify accepts loads; what loading refuses, verify refuses.
+The tables print what the checkpoint holds; `checkpoint_report` is their report.json.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +22,9 @@ from rich.table import Table
 from qtrain import checkpoint as ck
 from qtrain.console import console, plain, rank
 from qtrain.errors import CheckpointError, ConfigError
-from qtrain.runner import RunContext, model_from_checkpoint, n_params_of
+from qtrain.modes.context import RunContext, n_params_of
+from qtrain.modes.loading import model_from_checkpoint
+from qtrain.quant.recipe import QuantRecipe
 
 
 @dataclass
@@ -84,7 +80,8 @@ def verify_full(path: Path) -> Verified:
 # ---------------------------------------------------------------- printing
 
 
-def _files_table(v: Verified) -> Table:
+def files_table(v: Verified) -> Table:
+    """The checkpoint's files with sizes and hashes, the manifest's seal, the total."""
     table = Table(title=plain(f"files of {v.path}"), header_style="bold")
     for col in ("file", "bytes", "sha256"):
         table.add_column(col, justify="right" if col == "bytes" else "left")
@@ -105,11 +102,13 @@ def total_bytes(v: Verified) -> int:
     return sum(int(i["bytes"]) for i in v.manifest["files"].values()) + (v.path / ck.MANIFEST).stat().st_size
 
 
-def _layers_table(quant: Any) -> Table | None:
-    layers = ck.quant_layers(quant)
+def layers_table(quant: Any) -> Table | None:
+    """The manifest's quantized layers (None for a full-precision checkpoint)."""
+    recipe = QuantRecipe.from_manifest(quant if isinstance(quant, dict) else None)
+    layers = recipe.layers
     if not layers:
         return None
-    state = quant.get("state") if isinstance(quant, dict) else None
+    state = recipe.state
     table = Table(title=plain(f"quantization per layer ({state or 'stored'})"), header_style="bold")
     for col in ("layer", "scheme", "bits", "group", "sym", "act", "in->out", "tied_to"):
         table.add_column(col, no_wrap=col == "layer")
@@ -132,7 +131,8 @@ def _layers_table(quant: Any) -> Table | None:
     return table
 
 
-def _status_table(results: list[tuple[Path, str]]) -> Table:
+def status_table(results: list[tuple[Path, str]]) -> Table:
+    """One line per checkpoint of a run: ok, or why it is refused."""
     table = Table(title="checkpoints", header_style="bold")
     table.add_column("checkpoint")
     table.add_column("status", overflow="fold")
@@ -142,19 +142,23 @@ def _status_table(results: list[tuple[Path, str]]) -> Table:
     return table
 
 
-def _show(*tables: Table | None) -> None:
+def show(*tables: Table | None) -> None:
+    """Print the tables that exist (rank 0)."""
     if rank() == 0:
         for t in tables:
             if t is not None:
                 console.print(t)
 
 
-def _report(ctx: RunContext, v: Verified, **extra: Any) -> dict[str, Any]:
+def checkpoint_report(ctx: RunContext, v: Verified, **extra: Any) -> dict[str, Any]:
+    """report.json of verify/upgrade: what the checkpoint is, holds and was written by (`extra` in the middle)."""
     m = v.manifest
     created = m.get("created_unix")
+    quant = m["quant"] if isinstance(m.get("quant"), dict) else None
+    recipe = QuantRecipe.from_manifest(quant)
     return {
         "mode": ctx.cfg.mode.name,
-        "quant": m["quant"].get("config", m["quant"]) if isinstance(m.get("quant"), dict) else m.get("quant"),
+        "quant": quant.get("config", quant) if quant is not None else m.get("quant"),
         "model": m["model"].get("name"),
         "n_params": v.n_params,
         "step": m["step"],
@@ -171,8 +175,8 @@ def _report(ctx: RunContext, v: Verified, **extra: Any) -> dict[str, Any]:
         "created": datetime.fromtimestamp(created, timezone.utc).isoformat(timespec="seconds")
         if isinstance(created, (int, float))
         else None,
-        "scheme": ck.describe_scheme(ck.quant_layers(m.get("quant"))),
-        "quant_state": m["quant"].get("state") if isinstance(m.get("quant"), dict) else None,
+        "scheme": recipe.label,
+        "quant_state": recipe.state,
         "model_shape": ", ".join(
             f"{k}={m['model'][k]}"
             for k in ("n_layer", "n_embd", "n_head", "block_size", "mlp_hidden")
@@ -181,71 +185,3 @@ def _report(ctx: RunContext, v: Verified, **extra: Any) -> dict[str, Any]:
         "tensors": v.n_tensors,
         "elapsed_s": round(time.perf_counter() - ctx.t0, 3),
     }
-
-
-# ---------------------------------------------------------------- modes
-
-
-def run_verify(ctx: RunContext) -> dict[str, Any]:
-    """mode=verify: check `init_from` (a checkpoint, or every checkpoint of a run dir); exit 3 if any is bad.
-
-    Raises:
-        ConfigError: `init_from` does not exist or holds no checkpoint.
-        CheckpointError: a checkpoint fails a check (all failures listed).
-    """
-    target = Path(str(ctx.cfg.init_from)).expanduser()
-    dirs = checkpoint_dirs(target)
-    good: list[Verified] = []
-    bad: list[tuple[Path, str]] = []
-    statuses: list[tuple[Path, str]] = []
-    for d in dirs:
-        try:
-            good.append(verify_full(d))
-            statuses.append((d, "ok"))
-        except CheckpointError as err:
-            bad.append((d, str(err)))
-            statuses.append((d, str(err)))
-    temps = ck.temp_entries(dirs[0].parent) if len(dirs) > 1 or dirs[0] != target else []
-    statuses += [
-        (t, "temporary leftover of an interrupted save (ignored by resume, removed by the next save)") for t in temps
-    ]
-    if good:
-        newest = good[-1]
-        _show(_layers_table(newest.manifest.get("quant")), _files_table(newest))
-    if len(statuses) > 1:
-        _show(_status_table(statuses))
-    if bad:
-        listed = "\n  - ".join(f"{why}" for _, why in bad)
-        raise CheckpointError(f"verify: {len(bad)} of {len(dirs)} checkpoint(s) refused:\n  - {listed}")
-    return _report(ctx, good[-1], verified=len(good), ok=True)
-
-
-def run_upgrade(ctx: RunContext) -> dict[str, Any]:
-    """mode=upgrade: write a copy of `init_from` migrated to the current format into the new directory `out`.
-
-    Raises:
-        ConfigError: `out` exists and is not empty, or lies inside the source; bad `init_from`.
-        CheckpointError: the source fails verification.
-    """
-    out = Path(str(ctx.cfg.out)).expanduser()
-    src = Path(str(ctx.cfg.init_from)).expanduser()
-    if src.exists():
-        ck.check_upgrade_target(src, out)  # before reading anything
-    src = ck.resolve_checkpoint(src)
-    ck.check_upgrade_target(src, out)
-    before = ck.read_manifest(src).get("migrated_from", ck.FORMAT_VERSION)
-    ck.upgrade_checkpoint(src, out)
-    v = verify_full(out)
-    _show(_layers_table(v.manifest.get("quant")), _files_table(v))
-    if rank() == 0:
-        console.print(
-            plain(
-                f"upgraded {src} (format_version {before}) -> {out} (format_version {ck.FORMAT_VERSION}); "
-                f"the original is unchanged"
-            )
-        )
-    return _report(ctx, v, source=str(src), source_format_version=before, ok=True)
-
-
-CHECKPOINT_MODES: dict[str, Callable[[RunContext], dict[str, Any]]] = {"verify": run_verify, "upgrade": run_upgrade}
-"""Mode functions this module adds to `runner.MODES` (registered by `cli`)."""

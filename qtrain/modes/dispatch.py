@@ -1,5 +1,7 @@
 """The table of modes: name -> function(RunContext) -> report; `run` dispatches and reports.
 
+`qtrain.cli` composes and validates the config, builds the `RunContext` and calls `run`.
+
 `run` holds the run directory's lock for the whole job (one writer per run dir, see
 `qtrain.runlock`; DDP: rank 0), checks before any work that no file this mode writes is a planted
 link or the wrong kind of file, and that nothing of an earlier run would be lost silently:
@@ -22,23 +24,33 @@ import torch
 
 from qtrain import checkpoint as ck
 from qtrain import rundir, runlock
-from qtrain.ckpt_tools import CHECKPOINT_MODES
 from qtrain.console import plain_logging, rank, warn
 from qtrain.errors import ConfigError
-from qtrain.quant_modes import run_finetune, run_ptq, run_qat
-from qtrain.report import REPORT_FILE, write_report
-from qtrain.runner import BASE_MODES, RunContext
-from qtrain.sweep_jobs import METRICS_FILE, STATUS_FILE
-from qtrain.sweep_plot import PLOT_FILE
-from qtrain.sweep_report import TABLE_FILE, run_report
+from qtrain.modes.context import RunContext
+from qtrain.modes.eval import run_eval
+from qtrain.modes.finetune import run_finetune
+from qtrain.modes.generate import run_generate
+from qtrain.modes.ptq import run_ptq
+from qtrain.modes.qat import run_qat
+from qtrain.modes.report import TABLE_FILE, run_report
+from qtrain.modes.results import write_report
+from qtrain.modes.sweep_jobs import METRICS_FILE, STATUS_FILE
+from qtrain.modes.sweep_plot import PLOT_FILE
+from qtrain.modes.train import run_train
+from qtrain.modes.upgrade import run_upgrade
+from qtrain.modes.verify import run_verify
+from qtrain.report_format import REPORT_FILE
 
 MODES: dict[str, Callable[[RunContext], dict[str, Any]]] = {
-    **BASE_MODES,
+    "train": run_train,
+    "eval": run_eval,
+    "generate": run_generate,
     "ptq": run_ptq,
     "qat": run_qat,
     "finetune": run_finetune,
     "report": run_report,
-    **CHECKPOINT_MODES,
+    "verify": run_verify,
+    "upgrade": run_upgrade,
 }
 
 

@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 
+from qtrain import quant as api
 from qtrain.config import ModelConfig, QuantConfig
 from qtrain.model import GPT
-from qtrain.quant import api
 from qtrain.quant import primitives as P
 from qtrain.quant.fake import FakeQuantEmbedding, FakeQuantLinear
 from qtrain.quant.packed import Int4Linear, Int8Linear, PackedLinear, QuantEmbedding
@@ -283,17 +283,3 @@ def test_keep_full_precision_marks_are_skipped(base: GPT) -> None:
     api.keep_full_precision(tied.lm_head)
     with pytest.raises(ValueError, match="tok_emb: tied to lm_head"):
         api.prepare(tied, QuantConfig(scheme="int4", embeddings=True))
-
-
-def test_quantizer_facade(base: GPT) -> None:
-    q = api.Quantizer(QuantConfig(scheme="int4", group_size=32, lm_head=True))
-    qw = q.quantize(torch.randn(64, 128))
-    assert qw.codes.shape == (64, 128) and qw.scales.shape == (64, 4)
-    assert q.dequantize(qw).shape == (64, 128)
-    assert q.describe() == (
-        "int4: 4-bit weights, group 32, symmetric, activations none, layers blocks + lm_head, kernel auto"
-    )
-    model = q.convert(q.prepare(copy.deepcopy(base)))
-    assert isinstance(model.lm_head, Int4Linear) and isinstance(model.tok_emb, QuantEmbedding)
-    with pytest.raises(ValueError, match="nothing to quantize"):
-        api.Quantizer(QuantConfig())

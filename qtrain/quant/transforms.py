@@ -1,4 +1,4 @@
-"""Quantization entry points: prepare / convert, to_fake, QAT helpers, the Quantizer facade.
+"""Model transforms: prepare (full precision -> fake-quant), convert (-> packed), to_fake (packed -> fake).
 
 Quantization is a module swap driven by one :class:`~qtrain.config.QuantConfig`:
 ``prepare`` swaps ``nn.Linear`` for :class:`FakeQuantLinear` (QAT), ``convert`` swaps
@@ -25,46 +25,23 @@ Example:
     >>> manifest_layers = layer_specs(model)
 
 The scheme table lives in :mod:`qtrain.quant.schemes`, layer selection in
-:mod:`qtrain.quant.layers`, manifest metadata and packed skeletons in
-:mod:`qtrain.quant.skeleton`; their public names are re-exported here.
+:mod:`qtrain.quant.targets`, manifest metadata and packed skeletons in
+:mod:`qtrain.quant.layout`. Modes use these through :class:`qtrain.quant.recipe.QuantRecipe`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor, nn
 
 from qtrain.config import QuantConfig
-from qtrain.quant import primitives as P
-from qtrain.quant.fake import FakeQuantEmbedding, FakeQuantLinear, WeightHook
-from qtrain.quant.layers import (  # noqa: F401 - re-exported: api is the package's facade
-    KEEP_FULL_PRECISION,
-    _embedding_children,
-    _kept,
-    _layer_spec,
-    _linear_like,
-    check_layers,
-    is_tied,
-    keep_full_precision,
-    layer_shape,
-    set_module,
-    target_layers,
-)
-from qtrain.quant.packed import PackedLinear, QuantEmbedding, check_kernel
-from qtrain.quant.primitives import LayerSpec, QuantizedWeight
-from qtrain.quant.schemes import (  # noqa: F401 - re-exported
-    EMBEDDING,
-    HEAD,
-    SCHEMES,
-    Scheme,
-    embedding_spec,
-    get_scheme,
-    packed_class,
-    spec_from_config,
-)
-from qtrain.quant.skeleton import build_packed_skeleton, layer_specs, set_kernel  # noqa: F401 - re-exported
+from qtrain.quant.fake import FakeQuantEmbedding, FakeQuantLinear
+from qtrain.quant.packed import PackedLinear, QuantEmbedding
+from qtrain.quant.schemes import EMBEDDING, HEAD, embedding_spec, packed_class, spec_from_config
+from qtrain.quant.spec import LayerSpec, QuantizedWeight
+from qtrain.quant.targets import check_layers, embedding_modules, is_tied, set_module, target_spec
 
 
 # -- prepare / convert ------------------------------------------------------------------------
@@ -119,16 +96,9 @@ def _fake_module(
         return FakeQuantEmbedding(head, tied_to=HEAD, name=name)
     if name == EMBEDDING:
         assert isinstance(mod, nn.Embedding)
-        table = FakeQuantLinear.from_linear(_as_linear(mod), embedding_spec(spec), name, learn, **kwargs)
-        return FakeQuantEmbedding(table, None, name)
+        return FakeQuantEmbedding.from_embedding(mod, embedding_spec(spec), name, learn, **kwargs)
     assert isinstance(mod, nn.Linear)
     return FakeQuantLinear.from_linear(mod, spec, name, learn, **kwargs)
-
-
-def _as_linear(emb: nn.Embedding) -> nn.Linear:
-    lin = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
-    lin.weight = emb.weight
-    return lin
 
 
 def pack_layer(mod: nn.Module, spec: LayerSpec, name: str, kernel: str = "auto") -> PackedLinear:
@@ -187,7 +157,7 @@ def convert(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
     names = check_layers(model, qcfg)
     assert spec is not None
     tied = is_tied(model)
-    skip = _embedding_children(model)
+    skip = embedding_modules(model)
     fakes = [
         n
         for n, m in model.named_modules()
@@ -201,7 +171,7 @@ def convert(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
         mod = model.get_submodule(name)
         if isinstance(mod, (PackedLinear, QuantEmbedding)):
             continue
-        expected = _layer_spec(name, spec, tied) if name in names else None
+        expected = target_spec(name, spec, tied) if name in names else None
         new: nn.Module
         if isinstance(mod, (nn.Embedding, FakeQuantEmbedding)):
             new = _convert_embedding(model, name, mod, expected, tied, qcfg.kernel)
@@ -262,151 +232,24 @@ def to_fake(model: nn.Module, learn_scales: bool = False) -> nn.Module:
     return model
 
 
-# -- QAT helpers ------------------------------------------------------------------------------
-def fake_quant_modules(model: nn.Module) -> Iterator[tuple[str, FakeQuantLinear]]:
-    """``(name, module)`` of every :class:`FakeQuantLinear` (embedding tables included once)."""
-    seen: set[int] = set()
-    for name, m in model.named_modules():
-        if isinstance(m, FakeQuantLinear) and id(m) not in seen:
-            seen.add(id(m))
-            yield name, m
+# -- PTQ module swaps -----------------------------------------------------------------------
+def swap_packed(model: nn.Module, name: str, qw: QuantizedWeight, spec: LayerSpec, kernel: str) -> None:
+    """Replace layer ``name`` by the packed module holding ``qw`` (PTQ)."""
+    mod = packed_class(spec).from_codes(qw.codes, qw.scales, qw.zeros, spec, kernel, name)
+    set_module(model, name, mod)
 
 
-def set_fake_quant(model: nn.Module, weight: bool | None = None, activations: bool | None = None) -> None:
-    """Turn weight and/or activation fake quantization on or off in every fake-quant module."""
-    for _, m in fake_quant_modules(model):
-        m.enable(weight, activations if m.spec.activations == "int8" else None)
-
-
-def freeze_scales(model: nn.Module) -> None:
-    """:meth:`FakeQuantLinear.freeze` on every fake-quant module."""
-    for _, m in fake_quant_modules(model):
-        m.freeze()
-
-
-def scale_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Learnable scale parameters (give them their own optimizer group, no weight decay).
-
-    They are 2-D ``[N, G]`` tensors, so a "decay every matrix" rule would catch them:
-    exclude them from the weight-decay group.
-    """
-    return [m.scales for _, m in fake_quant_modules(model) if isinstance(m.scales, nn.Parameter)]
-
-
-def register_weight_hook(model: nn.Module, fn: WeightHook) -> Callable[[], None]:
-    """Append ``fn(module_name, fake_weight) -> Tensor | None`` to every fake-quant module.
-
-    Args:
-        model: a prepared model.
-        fn: the hook; a returned tensor replaces the fake weight in that forward (it does not
-            change what ``convert`` stores).
-
-    Returns:
-        A function that removes the hook again.
-    """
-    mods = [m for _, m in fake_quant_modules(model)]
-    for m in mods:
-        m.weight_hooks.append(fn)
-
-    def remove() -> None:
-        for m in mods:
-            if fn in m.weight_hooks:
-                m.weight_hooks.remove(fn)
-
-    return remove
-
-
-# -- public facade -------------------------------------------------------------------------
-class Quantizer:
-    """Everything one :class:`~qtrain.config.QuantConfig` means, behind one object.
-
-    Args:
-        qcfg: the quant config (``scheme`` must not be ``none``).
-        learn_scales: :meth:`prepare` makes LSQ-style learnable scales.
+def float_weight(model: nn.Module, name: str) -> Tensor:
+    """The full-precision weight of target ``name`` (detached), for PTQ.
 
     Raises:
-        ValueError: scheme ``none`` or an invalid config.
-
-    Example:
-        >>> q = Quantizer(QuantConfig(scheme="int4", group_size=32))
-        >>> qw = q.quantize(torch.randn(64, 128))     # codes uint8 [64, 128], scales bf16 [64, 4]
-        >>> w_hat = q.dequantize(qw)
-        >>> model = q.convert(q.prepare(model))       # QAT then packed int4
-        >>> print(q.describe())
+        ValueError: the layer is fake-quantized or already packed.
     """
-
-    def __init__(self, qcfg: QuantConfig, learn_scales: bool = False) -> None:
-        spec = spec_from_config(qcfg)
-        if spec is None:
-            raise ValueError("quant.scheme=none: nothing to quantize")
-        check_kernel(qcfg.kernel)
-        self.qcfg, self.spec, self.learn_scales = qcfg, spec, learn_scales
-
-    def quantize(self, tensor: Tensor) -> QuantizedWeight:
-        """Round-to-nearest codes of a ``[N, K]`` weight with this spec.
-
-        Raises:
-            ValueError: the group size does not divide K.
-        """
-        self.spec.check("tensor", tensor.shape[-1])
-        s = self.spec
-        return P.quantize_weight(tensor, s.bits, s.group_size, s.symmetric)
-
-    def dequantize(self, qw: QuantizedWeight) -> Tensor:
-        """Float32 ``[N, K]`` from :meth:`quantize` output."""
-        return P.dequantize(qw.codes, qw.scales, qw.zeros, self.spec.bits, self.spec.group_size)
-
-    def target_layers(self, model: nn.Module) -> list[str]:
-        """See :func:`target_layers`."""
-        return target_layers(model, self.qcfg)
-
-    def prepare(self, model: nn.Module, init: Mapping[str, QuantizedWeight] | None = None) -> nn.Module:
-        """See :func:`prepare`."""
-        return prepare(model, self.qcfg, self.learn_scales, init)
-
-    def convert(self, model: nn.Module) -> nn.Module:
-        """See :func:`convert`."""
-        return convert(model, self.qcfg)
-
-    def describe(self) -> str:
-        """One line: scheme, bits, grouping, symmetry, activations, extra layers, kernel."""
-        s, q = self.spec, self.qcfg
-        group = "per channel" if s.group_size == -1 else f"group {s.group_size}"
-        extra = [n for n, on in (("lm_head", q.lm_head), ("embeddings", q.embeddings)) if on]
-        return (
-            f"{s.scheme}: {s.bits}-bit weights, {group}, {'symmetric' if s.symmetric else 'asymmetric'}, "
-            f"activations {s.activations}, layers blocks{''.join(' + ' + e for e in extra)}, kernel {q.kernel}"
-        )
-
-
-__all__ = [
-    "EMBEDDING",
-    "HEAD",
-    "SCHEMES",
-    "LayerSpec",
-    "QuantizedWeight",
-    "Quantizer",
-    "Scheme",
-    "build_packed_skeleton",
-    "check_layers",
-    "convert",
-    "embedding_spec",
-    "fake_quant_modules",
-    "freeze_scales",
-    "get_scheme",
-    "is_tied",
-    "keep_full_precision",
-    "layer_shape",
-    "layer_specs",
-    "pack_layer",
-    "packed_class",
-    "prepare",
-    "register_weight_hook",
-    "scale_parameters",
-    "set_fake_quant",
-    "set_kernel",
-    "set_module",
-    "spec_from_config",
-    "target_layers",
-    "to_fake",
-]
+    mod = model.get_submodule(name)
+    if isinstance(mod, FakeQuantLinear):
+        raise ValueError(f"{name}: PTQ needs a full-precision model; this layer is fake-quantized (use convert)")
+    if isinstance(mod, PackedLinear):
+        raise ValueError(f"{name}: already quantized")
+    w = mod.weight
+    assert isinstance(w, Tensor)
+    return w.detach()

@@ -15,14 +15,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from qtrain.report import REPORT_FILE
-from qtrain.sweep_jobs import Job, finite, job_labels
+from qtrain import checkpoint as ck
+from qtrain.modes.sweep_jobs import Job, finite, job_labels
+from qtrain.quant.recipe import QuantRecipe
+from qtrain.report_format import REPORT_FILE
 
-FULL_PRECISION_BITS = 32.0
+FULL_PRECISION_BITS = float(QuantRecipe.from_config(None).weight_bits)
+FULL_PRECISION_LABEL = QuantRecipe.from_config(None).short_label
+"""The scheme column of a full-precision run (``fp32``)."""
 SCALE_BITS = 16
 ZERO_BITS = 8
-MODEL_FILE = "model.safetensors"
-"""A checkpoint's model weights (qtrain.checkpoint.MODEL_FILE; not imported: torch-free)."""
 
 
 @dataclass
@@ -73,40 +75,6 @@ def quant_config(report: dict[str, Any]) -> tuple[dict[str, Any] | None, str | N
     if not isinstance(cfg, dict) or cfg.get("scheme") in (None, "none"):
         return None, q.get("method")
     return cfg, q.get("method")
-
-
-def scheme_label(cfg: dict[str, Any] | None) -> str:
-    """Short scheme text: ``fp32``, ``int8``, ``int4 g32``, ``int4 g128 asym +head``."""
-    if cfg is None:
-        return "fp32"
-    scheme = str(cfg["scheme"])
-    text = scheme
-    if scheme != "int8":
-        g = cfg.get("group_size", 32)
-        text += " per-channel" if g == -1 else f" g{g}"
-        if not cfg.get("symmetric", True):
-            text += " asym"
-    if scheme == "int8" and cfg.get("activations") == "int8":
-        text += " +act8"
-    for key, tag in (("lm_head", "+head"), ("embeddings", "+emb")):
-        if cfg.get(key):
-            text += f" {tag}"
-    return text
-
-
-def scheme_key(cfg: dict[str, Any] | None) -> list[Any]:
-    """What makes two runs' schemes the same (for matching QAT to PTQ)."""
-    if cfg is None:
-        return ["fp32"]
-    four = cfg["scheme"] != "int8"
-    return [
-        cfg["scheme"],
-        cfg.get("group_size", 32) if four else -1,
-        bool(cfg.get("symmetric", True)) if four else True,
-        cfg.get("activations", "none") if cfg["scheme"] != "int8da_int4w" else "int8",
-        bool(cfg.get("lm_head", False)),
-        bool(cfg.get("embeddings", False)),
-    ]
 
 
 def method_label(report: dict[str, Any]) -> str:
@@ -199,7 +167,7 @@ def _model_bytes(rep: dict[str, Any]) -> int | None:
     if not isinstance(ckpt, str) or not ckpt:
         return None
     try:
-        file = Path(ckpt) / MODEL_FILE
+        file = Path(ckpt) / ck.MODEL_FILE
         return file.stat().st_size if file.is_file() else None
     except (OSError, ValueError):  # a garbled path in a garbled report
         return None
@@ -216,6 +184,7 @@ def job_row(job: Job, label: str) -> Row:
     rep = job.report or {}
     status, ok = _status(job, [*job.problems, *report_problems(rep)])
     cfg, _ = quant_config(rep) if rep else (None, None)
+    recipe = QuantRecipe.from_config(cfg)  # None: full precision
     val_ppl = _num(rep.get("val_ppl"))
     ref = _num(rep.get("reference_val_ppl"))
     vs_ref = _num(rep.get("ppl_vs_reference"))
@@ -226,7 +195,7 @@ def job_row(job: Job, label: str) -> Row:
         path=str(job.path),
         mode=_text(rep.get("mode")),
         model=_text(rep.get("model")),
-        scheme=scheme_label(cfg) if rep else "",
+        scheme=recipe.short_label if rep else "",
         method=method_label(rep) if rep else "",
         val_ppl=val_ppl,
         ppl_vs_reference=vs_ref,
@@ -241,8 +210,13 @@ def job_row(job: Job, label: str) -> Row:
         status=status,
         ok=ok,
         val_corpus_sha256=_val_sha(rep),
-        scheme_key=scheme_key(cfg) if rep else [],
+        scheme_key=scheme_key(recipe) if rep else [],
     )
+
+
+def scheme_key(recipe: QuantRecipe) -> list[Any]:
+    """What makes two runs' schemes the same (for matching QAT to PTQ), as report_table.json stores it."""
+    return [FULL_PRECISION_LABEL] if recipe.full_precision else list(recipe.key)  # as report_table.json has it
 
 
 def _text(value: Any) -> str | None:

@@ -1,6 +1,6 @@
-"""Which layers of a model are quantized, their shapes, and module swapping.
+"""Which layers of a model are quantized (targets), their shapes and specs, and module swapping.
 
-Used by :mod:`qtrain.quant.api` (prepare / convert) and :mod:`qtrain.quant.skeleton`.
+Used by :mod:`qtrain.quant.transforms` (prepare / convert), :mod:`qtrain.quant.layout` and PTQ.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from torch import nn
 from qtrain.config import QuantConfig
 from qtrain.quant.fake import FakeQuantEmbedding, FakeQuantLinear
 from qtrain.quant.packed import PackedLinear, QuantEmbedding
-from qtrain.quant.primitives import LayerSpec
 from qtrain.quant.schemes import EMBEDDING, HEAD, embedding_spec, spec_from_config
+from qtrain.quant.spec import LayerSpec
 
 # -- model inspection -------------------------------------------------------------------------
 KEEP_FULL_PRECISION = "qtrain_keep_full_precision"
@@ -34,12 +34,14 @@ def keep_full_precision(module: nn.Module) -> nn.Module:
     return module
 
 
-def _kept(m: nn.Module) -> bool:
+def is_kept(m: nn.Module) -> bool:
+    """Whether :func:`keep_full_precision` marked ``m``."""
     return bool(getattr(m, KEEP_FULL_PRECISION, False))
 
 
-def _linear_like(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, FakeQuantLinear, PackedLinear)) and not _kept(m)
+def is_linear_like(m: nn.Module) -> bool:
+    """A linear, fake-quant or packed linear module that is not kept in full precision."""
+    return isinstance(m, (nn.Linear, FakeQuantLinear, PackedLinear)) and not is_kept(m)
 
 
 def is_tied(model: nn.Module) -> bool:
@@ -51,7 +53,8 @@ def is_tied(model: nn.Module) -> bool:
     return w_emb is not None and w_emb is w_head
 
 
-def _embedding_children(model: nn.Module) -> set[str]:
+def embedding_modules(model: nn.Module) -> set[str]:
+    """Names of the quantized embedding modules (their tables are not targets of their own)."""
     return {n for n, m in model.named_modules() if isinstance(m, (FakeQuantEmbedding, QuantEmbedding))}
 
 
@@ -66,17 +69,17 @@ def target_layers(model: nn.Module, qcfg: QuantConfig) -> list[str]:
         Module names; ``tok_emb`` comes after ``lm_head`` (a tied embedding reads the head).
         Modules marked with :func:`keep_full_precision` are left out.
     """
-    skip = _embedding_children(model)
+    skip = embedding_modules(model)
     names = [
         n
         for n, m in model.named_modules()
-        if n and n != HEAD and _linear_like(m) and not any(n.startswith(s + ".") for s in skip)
+        if n and n != HEAD and is_linear_like(m) and not any(n.startswith(s + ".") for s in skip)
     ]
     tied = is_tied(model)
     head, emb = getattr(model, HEAD, None), getattr(model, EMBEDDING, None)
-    if head is not None and not _kept(head) and (qcfg.lm_head or (tied and qcfg.embeddings)):
+    if head is not None and not is_kept(head) and (qcfg.lm_head or (tied and qcfg.embeddings)):
         names.append(HEAD)
-    if emb is not None and not _kept(emb) and (qcfg.embeddings or (tied and qcfg.lm_head)):
+    if emb is not None and not is_kept(emb) and (qcfg.embeddings or (tied and qcfg.lm_head)):
         names.append(EMBEDDING)
     return names
 
@@ -97,7 +100,7 @@ def layer_shape(mod: nn.Module) -> tuple[int, int]:
     raise ValueError(f"{type(mod).__name__} is not a linear or embedding layer")
 
 
-def _layer_spec(name: str, spec: LayerSpec, tied: bool) -> LayerSpec:
+def target_spec(name: str, spec: LayerSpec, tied: bool) -> LayerSpec:
     """Spec for one target: the embedding is per row unless it shares the head's codes."""
     return spec if name != EMBEDDING or tied else embedding_spec(spec)
 
@@ -124,7 +127,7 @@ def check_layers(model: nn.Module, qcfg: QuantConfig) -> list[str]:
         raise ValueError(f"{EMBEDDING}: tied to {HEAD}, which is kept in full precision; keep both or neither")
     for name in names:
         mod = model.get_submodule(name)
-        _layer_spec(name, spec, tied).check(name, layer_shape(mod)[0])
+        target_spec(name, spec, tied).check(name, layer_shape(mod)[0])
         if isinstance(mod, (nn.Linear,)) and mod.bias is not None:
             raise ValueError(f"{name}: quantized linears must have no bias")
     return names
