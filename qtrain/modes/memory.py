@@ -27,7 +27,7 @@ freed memory for reuse: their peak resident size was measured at about 1.6x thei
 the estimate counts them so. The process's resident size when the estimate is made (Python,
 torch, qtrain) is the baseline, plus the corpus. On CUDA the activations are counted at
 2 bytes (bf16 autocast) and compared with the device's free memory. Measured against peak
-RSS on CPU (tests/unit/test_memory.py and the notes of issue 16): within about 20%, mostly
+RSS on CPU (tests/unit/modes/test_memory.py and the notes of issue 16): within about 20%, mostly
 above.
 
 Example:

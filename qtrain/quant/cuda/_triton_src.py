@@ -122,3 +122,75 @@ def int8_gemm_kernel(
     s = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     y_mask = m_ok[:, None] & n_ok[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], (acc * s[None, :]).to(tl.bfloat16), mask=y_mask)
+
+
+@triton.jit
+def _bf16_rtne(x):
+    """float32 -> bf16 rounded to nearest even, in integer ops (finite inputs).
+
+    What the GPU's conversion does; written out because Triton's interpreter truncates instead,
+    and the CPU check of these kernels is bit-exact.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def dequant_int4_kernel(
+    p_ptr,
+    s_ptr,
+    z_ptr,
+    w_ptr,
+    N,
+    KB,
+    stride_pn,
+    stride_sn,
+    stride_wn,
+    GROUP: tl.constexpr,
+    HAS_ZERO: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """w[N, 2*KB] bf16 = (code - zero) * scale from packed bytes [N, KB]; one read, one write.
+
+    The product of a code difference (|d| <= 15) and a bf16 scale is exact in float32, so the one
+    rounding to bf16 matches ``primitives.dequantize(...).to(bfloat16)`` bit for bit.
+    """
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rb = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = (rn < N)[:, None] & (rb < KB)[None, :]
+    pk = tl.load(p_ptr + rn[:, None] * stride_pn + rb[None, :], mask=mask, other=0)
+    g = (2 * rb) // GROUP  # both columns of a byte share a group (groups are even)
+    s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=mask, other=8).to(tl.float32)
+    else:
+        z = 8.0
+    lo = _bf16_rtne(((pk & 15).to(tl.float32) - z) * s)
+    hi = _bf16_rtne(((pk >> 4).to(tl.float32) - z) * s)
+    both = tl.interleave(lo, hi)  # [BLOCK_N, 2 * BLOCK_B]: even column, then odd
+    rk = tl.program_id(1) * (2 * BLOCK_B) + tl.arange(0, 2 * BLOCK_B)
+    w_mask = (rn < N)[:, None] & (rk < 2 * KB)[None, :]
+    tl.store(w_ptr + rn[:, None] * stride_wn + rk[None, :], both, mask=w_mask)
+
+
+@triton.jit
+def dequant_int8_kernel(
+    c_ptr,
+    s_ptr,
+    w_ptr,
+    N,
+    K,
+    stride_cn,
+    stride_wn,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """w[N, K] bf16 = code * scale[N] (exact in float32, one rounding: bit-exact to the reference)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rn < N)[:, None] & (rk < K)[None, :]
+    c = tl.load(c_ptr + rn[:, None] * stride_cn + rk[None, :], mask=mask, other=0).to(tl.float32)
+    s = tl.load(s_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(w_ptr + rn[:, None] * stride_wn + rk[None, :], _bf16_rtne(c * s[:, None]), mask=mask)

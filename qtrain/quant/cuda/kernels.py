@@ -222,6 +222,89 @@ def int8_gemm(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
     return y.reshape(*x.shape[:-1], n)
 
 
+DEQUANT_BLOCK = (64, 128)
+"""(rows, stored columns) per program of the dequantize kernels: 8-16 KiB read, 16-32 KiB written."""
+
+
+def _launch(kernel_name: str, device: torch.device, grid: tuple[int, int], *args: Any, **meta: Any) -> None:
+    kernel = getattr(_src(), kernel_name)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
+
+
+def dequant_int4(packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int) -> Tensor:
+    """bf16 ``[N, K]`` weight of an int4 layer in one kernel (one read of the codes, one write).
+
+    Bit-exact to ``primitives.dequantize(unpack_int4(packed), scales, zeros, 4, group_size)``
+    rounded to bf16 (the product is exact in float32; one rounding). Followed by cuBLAS
+    ``F.linear`` this is the many-row (prefill) path of CUDA int4 layers.
+
+    Args:
+        packed: ``uint8 [N, K/2]`` codes 0..15, low nibble = even column.
+        scales: ``[N, G]`` scales (bf16 values).
+        zeros: ``uint8 [N, G]`` zero points, or None for the implicit 8.
+        group_size: columns per group, or -1 for one group per row.
+
+    Returns:
+        bf16 ``[N, K]``.
+
+    Raises:
+        ValueError: shapes that do not fit together.
+        RuntimeError: no Triton on this device.
+    """
+    name = "dequant_int4"
+    _check(packed.device, name)
+    n, kb = packed.shape
+    k = 2 * kb
+    group = k if group_size == -1 else group_size
+    if group % 2 or k % group or tuple(scales.shape) != (n, k // group):
+        raise ValueError(f"{name}: scales {tuple(scales.shape)} do not fit N={n}, K={k}, group_size={group_size}")
+    if zeros is not None and zeros.shape != scales.shape:
+        raise ValueError(f"{name}: zeros {tuple(zeros.shape)} != scales {tuple(scales.shape)}")
+    w = torch.empty(n, k, dtype=torch.bfloat16, device=packed.device)
+    if n == 0 or k == 0:
+        return w
+    p, s = packed.contiguous(), scales.contiguous()
+    z = s if zeros is None else zeros.contiguous()
+    bn, bb = DEQUANT_BLOCK
+    grid = (triton_cdiv(n, bn), triton_cdiv(kb, bb))
+    meta = {"GROUP": group, "HAS_ZERO": zeros is not None, "BLOCK_N": bn, "BLOCK_B": bb}
+    _launch("dequant_int4_kernel", packed.device, grid, p, s, z, w, n, kb, p.stride(0), s.stride(0), k, **meta)
+    return w
+
+
+def dequant_int8(codes: Tensor, scales: Tensor) -> Tensor:
+    """bf16 ``[N, K]`` weight ``code * scale`` of an int8 layer in one kernel (bit-exact, see :func:`dequant_int4`).
+
+    Args:
+        codes: ``int8 [N, K]``.
+        scales: ``[N, 1]`` (or ``[N]``) per-channel scales.
+
+    Returns:
+        bf16 ``[N, K]``.
+
+    Raises:
+        ValueError: the scales do not fit.
+        RuntimeError: no Triton on this device.
+    """
+    name = "dequant_int8"
+    _check(codes.device, name)
+    n, k = codes.shape
+    if scales.numel() != n:
+        raise ValueError(f"{name}: {scales.numel()} scales for N={n} output features")
+    w = torch.empty(n, k, dtype=torch.bfloat16, device=codes.device)
+    if n == 0 or k == 0:
+        return w
+    c, s = codes.contiguous(), scales.reshape(-1).contiguous()
+    bn, bk = DEQUANT_BLOCK[0], 2 * DEQUANT_BLOCK[1]
+    grid = (triton_cdiv(n, bn), triton_cdiv(k, bk))
+    _launch("dequant_int8_kernel", codes.device, grid, c, s, w, n, k, c.stride(0), k, BLOCK_N=bn, BLOCK_K=bk)
+    return w
+
+
 def triton_cdiv(a: int, b: int) -> int:
     """Ceiling division."""
     return -(-a // b)

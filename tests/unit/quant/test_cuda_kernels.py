@@ -36,7 +36,7 @@ def test_the_kernels_under_the_interpreter() -> None:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     summary = done.stdout.strip().splitlines()[-1]
-    assert "6 passed" in summary, summary  # every kernel test ran (only this one skips there)
+    assert "8 passed" in summary, summary  # every kernel test ran (only this one skips there)
 
 
 @pytest.fixture
@@ -93,11 +93,32 @@ def test_int8_gemm_matches_the_reference_and_keeps_leading_dims(device: torch.de
 
 
 @needs_backend
+@pytest.mark.parametrize(("n", "k", "group", "symmetric"), [(70, 320, 32, False), (9, 64, -1, True)])
+def test_dequant_int4_is_bit_exact_to_the_reference(
+    device: torch.device, n: int, k: int, group: int, symmetric: bool
+) -> None:
+    # N and K/2 not multiples of the block (masks), asymmetric and per-channel groups.
+    gen = torch.Generator().manual_seed(2)
+    qw = P.quantize_weight(torch.randn(n, k, generator=gen) * 0.05, 4, group, symmetric)
+    want = P.dequantize(qw.codes, qw.scales, qw.zeros, 4, group).to(torch.bfloat16)
+    zeros = None if qw.zeros is None else qw.zeros.to(device)
+    got = K.dequant_int4(P.pack_int4(qw.codes).to(device), qw.scales.to(device), zeros, group)
+    assert got.dtype == torch.bfloat16 and torch.equal(got.cpu(), want)  # exact: one rounding of an exact product
+    codes8 = P.quantize_weight(torch.randn(n, k, generator=gen) * 0.05, 8, -1, True)
+    want8 = P.dequantize(codes8.codes, codes8.scales, None, 8, -1).to(torch.bfloat16)
+    assert torch.equal(K.dequant_int8(codes8.codes.to(device), codes8.scales.to(device)).cpu(), want8)
+
+
+@needs_backend
 def test_shape_mismatches_are_refused(device: torch.device) -> None:
     packed = torch.zeros(8, 32, dtype=torch.uint8, device=device)
     scales = torch.ones(8, 3, dtype=torch.bfloat16, device=device)  # K=64 has 2 groups of 32, not 3
     with pytest.raises(ValueError, match="do not fit"):
         K.int4_gemm(torch.zeros(2, 64, device=device), packed, scales, None, 32)
+    with pytest.raises(ValueError, match="do not fit"):
+        K.dequant_int4(packed, scales, None, 32)
+    with pytest.raises(ValueError, match="scales for N=8"):
+        K.dequant_int8(torch.zeros(8, 16, dtype=torch.int8, device=device), torch.ones(3, 1, device=device))
     with pytest.raises(ValueError, match="input features"):
         K.int8_gemm(
             torch.zeros(2, 10, device=device),

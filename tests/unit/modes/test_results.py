@@ -43,7 +43,7 @@ def test_one_number_format_small_numbers_in_scientific_notation() -> None:
 
 
 def test_eval_report_model_size_apart_from_checkpoint_and_bench_time_inside_elapsed(tmp_path: Path) -> None:
-    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "v2_int4"
+    fixture = Path(__file__).resolve().parents[2] / "fixtures" / "v2_int4"
     cfg = compose_cfg(["mode=eval", f"init_from={fixture}", "data.val_windows=2", "eval.decode_tokens=4",
                        "eval.decode_repeats=1", "eval.prefill_tokens=8"])
     report = run(RunContext(cfg=cfg, run_dir=tmp_path / "e", device=torch.device("cpu")))

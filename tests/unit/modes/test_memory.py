@@ -20,7 +20,7 @@ from qtrain.config import ModelConfig, RunConfig, TrainConfig
 from qtrain.model import GPT
 from qtrain.modes import memory
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SMALL = ["model.n_layer=2", "model.n_embd=128", "model.n_head=4", "model.mlp_hidden=256", "model.block_size=256"]
 
 
