@@ -23,7 +23,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from qtrain import cli_flags, runlock, runtime
-from qtrain.config import RunConfig, register_configs, validate
+from qtrain.config import RunConfig, register_configs
+from qtrain.config_rules import validate
 from qtrain.console import console, err_console, error, plain, rank
 from qtrain.errors import (
     EXIT_BUG,

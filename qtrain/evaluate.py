@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -20,8 +21,11 @@ from torch import nn
 
 from qtrain.data import windows
 from qtrain.errors import CheckpointError
+from qtrain.fastdecode import FastDecoder
 from qtrain.model import GPT, KVCache
 from qtrain.progress import phase
+
+log = logging.getLogger(__name__)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -129,9 +133,13 @@ def generate_tokens(
     device = _model_device(model)
     cfg = model.cfg
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    seq = prompt.to(device)[:, -cfg.block_size :]
+    if seq.shape[1] + max_new_tokens <= cfg.block_size:  # no sliding: the static CUDA step can serve it
+        fast = fast_decoder(model, seq, max_new_tokens)
+        if fast is not None:
+            return _generate_static(fast, seq, max_new_tokens, temperature, top_k, gen)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     cache = KVCache.empty(cfg, prompt.shape[0], device, dtype)
-    seq = prompt.to(device)[:, -cfg.block_size :]
     logits = model(seq, cache, 0)[:, -1]
     pos = seq.shape[1]
     out = [seq]
@@ -146,6 +154,38 @@ def generate_tokens(
             continue
         logits = model(nxt, cache, pos)[:, -1]
         pos += 1
+    return torch.cat(out, dim=1)
+
+
+def fast_decoder(model: GPT, prompt: torch.Tensor, n_tokens: int) -> FastDecoder | None:
+    """A :class:`~qtrain.fastdecode.FastDecoder` for ``prompt`` + ``n_tokens`` on CUDA, else None.
+
+    None (the caller's KV-cache loop then runs) off CUDA, for a batch of more than one
+    prompt, and when the decoder cannot be built: a layer it cannot plan, or a failed
+    compile or graph capture (logged as a warning).
+    """
+    if _model_device(model).type != "cuda" or prompt.shape[0] != 1:
+        return None
+    try:  # compiles the blocks and captures the whole step as one CUDA graph (untimed callers' cost)
+        return FastDecoder(model, prompt, max_len=prompt.shape[1] + n_tokens)
+    except Exception as err:  # noqa: BLE001 - any failure: the plain loop gives the same tokens, slower
+        log.warning("fast CUDA decode unavailable (%s: %s); using the KV-cache loop", type(err).__name__, err)
+        return None
+
+
+def _generate_static(
+    dec: FastDecoder, seq: torch.Tensor, n: int, temperature: float, top_k: int, gen: torch.Generator | None
+) -> torch.Tensor:
+    """:func:`generate_tokens` through a built :class:`FastDecoder` (no sliding needed)."""
+    out, pos = [seq], seq.shape[1]
+    for i in range(n):
+        _check_finite(dec.logits, pos)
+        nxt = _sample(dec.logits, temperature, top_k, gen)  # a new tensor: the static buffers change below
+        out.append(nxt)
+        if i + 1 < n:
+            dec.tok.copy_(nxt)  # the token the step consumes
+            dec.step()
+            pos += 1
     return torch.cat(out, dim=1)
 
 
@@ -224,7 +264,9 @@ def decode_speed(model: GPT, n_tokens: int = 64, repeats: int = 3, prompt_len: i
     """Batch-1 greedy decode tokens/s with the KV cache: warm-up excluded, median of repeats.
 
     Works the same for full-precision, bf16 and packed models (packed linears run their
-    fast kernels at one row per step).
+    fast kernels at one row per step). On CUDA (batch 1) the step is
+    :class:`~qtrain.fastdecode.FastDecoder`'s: compiled blocks, the whole step replayed as one
+    CUDA graph (compiled and captured before the timing); elsewhere :class:`GreedyDecoder`.
 
     Args:
         model: the GPT.
@@ -241,7 +283,7 @@ def decode_speed(model: GPT, n_tokens: int = 64, repeats: int = 3, prompt_len: i
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     rates = []
     with torch.inference_mode(), phase("decode benchmark", total=repeats + 1, unit="passes") as bar:
-        dec = GreedyDecoder(model, prompt)
+        dec: GreedyDecoder | FastDecoder = fast_decoder(model, prompt, n_tokens) or GreedyDecoder(model, prompt)
         for r in range(repeats + 1):
             dec.reset()
             _sync(dec.device)

@@ -20,7 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from qtrain.config import RunConfig, validate, warnings_for
+from qtrain.config import RunConfig
+from qtrain.config_rules import validate, warnings_for
 from qtrain.console import err_console, error, labelled
 from qtrain.errors import EXIT_CONFIG
 from qtrain.explain import explain, not_a_sweep, unknown_key, unparsable, valid_keys

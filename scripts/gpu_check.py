@@ -16,20 +16,25 @@ killed run keeps them):
    ``GreedyDecoder``) and :class:`qtrain.fastdecode.FastDecoder` (compiled blocks, whole step
    as one CUDA graph), its compile + capture time, its logit error against eager, the
    bandwidth bound (device copy bandwidth / weight bytes per token) and % of it.
-3. ``prefill``: 512 and 2048 tokens per scheme, packed layers through
-   :class:`qtrain.quant.cuda.linear.PrefillLinear` (Triton dequantize-in-GEMM above 64 rows,
-   ``torch._int_mm`` for int8 activations), and the packed layers' own path at 512.
+3. ``prefill``: 512 and 2048 tokens per scheme through exactly what the packed layers run
+   (the kernel table: Triton dequantize + cuBLAS above the tinygemm / GEMV rows,
+   ``torch._int_mm`` for int8 activations), and which table rows ran.
 4. ``qat``: training step (bf16 autocast, fused AdamW) for fp / int4 g32 / int8da_int4w g32,
    eager and compiled (``--qat-compile``; default regional: each repeated block compiled once,
    ``fullgraph=True``, the fake-quant inside the graph), at ``model=small`` (batch 16 x 256) and at a Llama-3-8B-like
    stack (width 4096, MLP 14336, GQA 32/8 heads; plain linears, since qtrain's GPT has no
-   GQA; 2 layers, batch 8 x 512); warm-up (compile) time and ratio to fp.
+   GQA; 2 layers, batch 8 x 512); warm-up (compile) time and ratio to fp. The arms of one
+   compile mode are built first and timed interleaved (round-robin), each with a one-step
+   kernel profile (count, time); decode rows carry the profile of one graph replay.
 
 Without CUDA it prints why and exits 0. ``--device cpu`` runs every part on a tiny model on
 the CPU (no CUDA graph, no compile): a dry run of the script's logic (the unit tests do that).
 Runs where ``hydra``/``omegaconf`` are not installed (stand-ins for the config imports).
 
-Usage (two runs of under 5 minutes each):
+Usage (everything in one run of under 5 minutes, as run on the H200):
+    python scripts/gpu_check.py --decode-schemes "bf16,int8,int4 g32" --qat-compile regional,model-cudagraphs
+        --budget-s 250 --arm-limit-s 40 --out gpu_check.json      # (one command line)
+or in two runs:
     python scripts/gpu_check.py --sections kernels,decode,prefill --out gpu_check_1.json
     python scripts/gpu_check.py --sections qat-small,qat-8b --qat-compile-small regional,model-cudagraphs
         --out gpu_check_2.json                            # (one command line)
@@ -99,7 +104,6 @@ from qtrain.model import GPT, KVCache  # noqa: E402
 from qtrain.quant import LayerSpec  # noqa: E402
 from qtrain.quant import primitives as P  # noqa: E402
 from qtrain.quant.cuda import kernels as K  # noqa: E402
-from qtrain.quant.cuda.linear import swap_for_prefill  # noqa: E402
 from qtrain.quant.fake import FakeQuantLinear  # noqa: E402
 from qtrain.quant.packed import Int4Linear, Int8Linear, PackedLinear  # noqa: E402
 
@@ -249,6 +253,43 @@ def time_fn(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int 
     return statistics.median(times)
 
 
+def profile_kernels(fn: Callable[[], Any], device: torch.device, top: int = 10) -> dict[str, Any]:
+    """Kernels one call of ``fn`` launches: how many, their total time, the ``top`` by time.
+
+    On CUDA the device kernels (those inside a CUDA graph replay included, where the profiler
+    sees them); on the CPU the aten ops (the dry run). A cheap diagnosis of where a step's time
+    goes: many short kernels mean launch-bound, a few long ones bandwidth- or compute-bound.
+
+    Returns:
+        ``{"kernels": n, "kernel_us": total, "top": [[name, count, us], ...]}`` or ``{"error": ...}``.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    try:
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            fn()
+            sync(device)
+        want = DeviceType.CUDA if cuda else DeviceType.CPU
+        evs = [e for e in prof.events() if e.device_type == want and (not cuda or not e.name.startswith("Memcpy"))]
+        if not cuda:
+            evs = [e for e in evs if e.name.startswith("aten::") and not e.cpu_parent]  # top-level ops only
+        per: dict[str, list[float]] = {}
+        for e in evs:
+            us = float(e.time_range.elapsed_us())
+            per.setdefault(e.name[:90], []).append(us)
+        ranked = sorted(per.items(), key=lambda kv: -sum(kv[1]))[:top]
+        return {
+            "kernels": len(evs),
+            "kernel_us": sum(sum(v) for v in per.values()),
+            "top": [[name, len(v), round(sum(v), 1)] for name, v in ranked],
+        }
+    except Exception as err:  # noqa: BLE001 - a diagnosis only: never fail the check for it
+        return {"error": short_error(err)}
+
+
 # ---------------------------------------------------------------- 1. kernels
 
 
@@ -306,7 +347,8 @@ def check_kernels(
 
 
 def check_triton_kernels(device: torch.device, shapes: list[tuple[int, int]], rows: list[int]) -> list[dict[str, Any]]:
-    """:func:`qtrain.quant.cuda.int4_gemm` / ``int8_gemm`` vs the reference (bf16 activations).
+    """:func:`qtrain.quant.cuda.int4_gemm` / ``int8_gemm`` vs the reference (bf16 activations), and
+    ``dequant_int4`` / ``dequant_int8`` bit for bit against the reference dequantization.
 
     Returns:
         Rows like :func:`check_kernels` (``kernel`` prefixed ``triton``); empty when the
@@ -354,14 +396,42 @@ def _check_triton(device: torch.device, shapes: list[tuple[int, int]], rows: lis
                         assert isinstance(mod, Int4Linear)
                         fast = K.int4_gemm(x, mod.weight_packed, mod.scales, mod.zeros, spec.group_size)
                     out.append(_check_row(f"triton {name}", mod, x, fast, True))
+            out.append(_check_dequant(name, mod))
     return out
 
 
-def time_layers(device: torch.device, shapes: list[tuple[int, int]], reps: int, label: str) -> list[dict[str, Any]]:
+def _check_dequant(name: str, mod: PackedLinear) -> dict[str, Any]:
+    """The Triton dequantize kernel against ``mod.dequantize()`` rounded to bf16: bit-exact or not ok."""
+    with torch.inference_mode():
+        want = mod.dequantize().to(torch.bfloat16)
+        if isinstance(mod, Int8Linear):
+            got = K.dequant_int8(mod.weight_int8, mod.scales)
+        else:
+            assert isinstance(mod, Int4Linear)
+            got = K.dequant_int4(mod.weight_packed, mod.scales, mod.zeros, mod.spec.group_size)
+    diff = float((got.float() - want.float()).abs().max())
+    return {
+        "kernel": f"triton dequant {name}",
+        "N": mod.out_features,
+        "K": mod.in_features,
+        "rows": 0,
+        "fast": True,
+        "max_err": diff,
+        "worst_fraction_of_bound": 0.0 if diff == 0 else 1.0 + diff,
+        "ok": diff == 0 and got.dtype == torch.bfloat16,
+    }
+
+
+def time_layers(
+    device: torch.device, shapes: list[tuple[int, int]], reps: int, label: str, gemm: bool = False
+) -> list[dict[str, Any]]:
     """Layer time (us) at 1 row (decode) and 512 rows (prefill) per path and shape.
 
     1 row: bf16 ``F.linear``, qtrain's int8 (fused GEMV) and int4 (tinygemm) layers. 512 rows:
-    bf16, the int8 / int4 layers' own paths (dequantize + matmul), Triton ``int4_gemm`` / ``int8_gemm``.
+    bf16, the int8 / int4 layers' own paths (the kernel table: Triton dequantize + cuBLAS where
+    Triton is installed), the dequantize kernels alone; with ``gemm`` Triton's ``int4_gemm`` /
+    ``int8_gemm`` too (the first device run measured them 1.5-2x slower than dequantize + cuBLAS;
+    their autotuning costs seconds per shape, so they are off by default).
     """
     gen = torch.Generator().manual_seed(1)
     out = []
@@ -381,8 +451,11 @@ def time_layers(device: torch.device, shapes: list[tuple[int, int]], reps: int, 
             "512 rows int4 layer": lambda: q4(xm),  # noqa: B023
         }
         if K.available(device):
-            fns["512 rows int4_gemm"] = lambda: K.int4_gemm(xm, q4.weight_packed, q4.scales, None, 32)  # noqa: B023
-            fns["512 rows int8_gemm"] = lambda: K.int8_gemm(xm, q8.weight_int8, q8.scales)  # noqa: B023
+            fns["int4 dequant"] = lambda: K.dequant_int4(q4.weight_packed, q4.scales, None, 32)  # noqa: B023
+            fns["int8 dequant"] = lambda: K.dequant_int8(q8.weight_int8, q8.scales)  # noqa: B023
+            if gemm:  # autotuned on first use: seconds per shape
+                fns["512 rows int4_gemm"] = lambda: K.int4_gemm(xm, q4.weight_packed, q4.scales, None, 32)  # noqa: B023
+                fns["512 rows int8_gemm"] = lambda: K.int8_gemm(xm, q8.weight_int8, q8.scales)  # noqa: B023
         with torch.inference_mode():
             row = {"shapes": label, "N": n, "K": k}
             row.update({f"{key} us": time_fn(fn, device, reps) * 1e6 for key, fn in fns.items()})
@@ -528,6 +601,9 @@ def _static_decode(model: GPT, prompt: torch.Tensor, n_tokens: int, use_graph: b
     row["compile_capture_s"] = time.perf_counter() - t0
     row["static_uses_graph"] = static.graph is not None
     row["static_tokens_per_s"] = tokens_per_s(static.step, static.reset, n_tokens, 2, dev)
+    row["profile"] = profile_kernels(static.step, dev)  # one replay: kernels per decode step, top 10
+    if static.graph is not None and not row["profile"].get("kernels"):  # the profiler saw no kernels in the graph
+        row["profile"] = {**profile_kernels(static._step, dev), "of": "one compiled step without the graph"}
     row["static_logit_error"] = static_logit_error(model, prompt, 8, static)
     return row
 
@@ -592,8 +668,23 @@ def bench_decode(
     results.save()
 
 
+def _kernels_used(model: nn.Module) -> list[str]:
+    """Names of the kernel-table rows the packed layers of ``model`` have built (sorted, unique)."""
+    names = set()
+    for mod in model.modules():
+        plan = getattr(mod, "_fast_fn", None)
+        if plan is not None:
+            names.update(plan.rows[i].name for i in plan._fns)
+    return sorted(names)
+
+
 def bench_prefill(cfg: ModelConfig, device: torch.device, lengths: list[int], budget: Budget, results: Results) -> None:
-    """Prefill tokens/s per scheme and length (dequantize-in-GEMM), plus the layers' own path."""
+    """Prefill tokens/s per scheme and length, through exactly what the packed layers run.
+
+    No wrapper: each packed layer picks its kernel from :data:`qtrain.quant.kernels.TABLE` (many
+    rows on CUDA: the Triton dequantize kernel + cuBLAS where Triton is installed, ``_int_mm``
+    for int8 activations), as ``mode=eval`` and ``mode=generate`` run them.
+    """
     import copy
 
     base = random_model(cfg, device, torch.bfloat16 if device.type == "cuda" else torch.float32, seed=1)
@@ -608,12 +699,9 @@ def bench_prefill(cfg: ModelConfig, device: torch.device, lengths: list[int], bu
             model = base if spec is None else pack_blocks(copy.deepcopy(base), spec)
             row: dict[str, Any] = {"scheme": name}
             with torch.inference_mode():
-                if spec is not None:
-                    own = lengths[0]
-                    row[f"own_path_{own}_tokens_per_s"] = own / time_fn(lambda: model(xs[own]), device, reps=3)  # noqa: B023
-                    swap_for_prefill(model)
                 for n in lengths:
                     row[f"{n}_tokens_per_s"] = n / time_fn(lambda: model(xs[n]), device, reps=5)  # noqa: B023
+            row["kernels"] = _kernels_used(model)
         except Exception as err:  # noqa: BLE001 - report it, go on
             row = {"scheme": name, "error": short_error(err)}
         rows.append(row)
@@ -708,6 +796,7 @@ class QATStep:
             self.y = torch.empty(0)
         self.loss: Callable[[], torch.Tensor] = self._loss
         mode = compiled if isinstance(compiled, str) else QAT_COMPILE["mode"]
+        self.cudagraphs = bool(compiled) and mode == "model-cudagraphs"
         if compiled and mode == "regional":
             for block in model.get_submodule("blocks"):
                 block.compile(fullgraph=True)
@@ -724,6 +813,8 @@ class QATStep:
 
     def train_step(self) -> float:
         """Forward, backward, optimizer step; returns nothing useful (no host sync)."""
+        if self.cudagraphs:  # a new iteration: arms replayed in turn must not see each other's outputs
+            torch.compiler.cudagraph_mark_step_begin()
         ctx = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         with ctx:
             loss = self.loss()
@@ -753,6 +844,72 @@ def qat_trainer(
     return QATStep(model, batch, cfg.block_size, device, compiled)
 
 
+EAGER_ARM_FLOOR_S = 10.0
+"""Seconds an eager QAT arm may take whatever its share (it needs a few: no compile)."""
+QAT_ROUNDS = 3
+"""Round-robin timing rounds of the QAT arms of one compile mode (see :func:`bench_qat`)."""
+
+
+def _arm_limit(arms: list[tuple[bool | str, str]], i: int, arm_limit_s: float, deadline: float | None) -> float:
+    """Seconds arm ``i`` may take: ``arm_limit_s`` (0: none), at most its share of what is left."""
+    if deadline is None:
+        return arm_limit_s
+    left = deadline - time.perf_counter()
+    weights = [COMPILED_ARM_WEIGHT if c else 1 for c, _ in arms[i:]]  # compiling takes longer
+    share = left * weights[0] / sum(weights)
+    if not arms[i][0]:  # eager: seconds; its bare share starved it in the first device run (all skipped)
+        share = max(share, min(EAGER_ARM_FLOOR_S, left))
+    return min(arm_limit_s, share) if arm_limit_s > 0 else share
+
+
+def _build_arm(
+    cfg: ModelConfig | StackConfig,
+    name: str,
+    batch: int,
+    device: torch.device,
+    compiled: bool | str,
+    limit: float,
+    row: dict[str, Any],
+) -> QATStep | None:
+    """Build and warm up (compile) one arm within ``limit`` s; None (and ``row["error"]``) on failure."""
+    try:
+        with time_limit(limit):
+            trainer = qat_trainer(cfg, QAT_SCHEMES.get(name, KERNEL_SPECS.get(name)), batch, device, compiled)
+            t0 = time.perf_counter()
+            for _ in range(3):  # warm-up (and compilation)
+                trainer.train_step()
+            sync(device)
+            row["warmup_s"] = time.perf_counter() - t0
+        return trainer
+    except Exception as err:  # noqa: BLE001 - report it in the table, keep checking
+        row["error"] = short_error(err, 120)
+        return None
+
+
+def _time_round_robin(built: list[tuple[dict[str, Any], QATStep]], device: torch.device, steps: int) -> None:
+    """Median step time of every built arm, timed in :data:`QAT_ROUNDS` interleaved rounds.
+
+    Interleaving puts every arm under the same clocks and memory state: the first device
+    run timed the arms one after the other (fp first, right after its compile) and saw
+    fake-quant steps faster than fp steps, with more work in their graphs (checked: the
+    fp and int4 graphs differ only by the fake-quant ops). Each arm's kernel count and
+    device time for one step (:func:`profile_kernels`) go into ``row["profile"]``.
+    """
+    times: dict[int, list[float]] = {id(row): [] for row, _ in built}
+    reps = max(1, -(-steps // QAT_ROUNDS))
+    for _ in range(QAT_ROUNDS):
+        for row, trainer in built:
+            for _ in range(reps):
+                t = time.perf_counter()
+                trainer.train_step()
+                sync(device)
+                times[id(row)].append(time.perf_counter() - t)
+    for row, trainer in built:
+        row["step_ms"] = statistics.median(times[id(row)]) * 1e3
+        prof = profile_kernels(trainer.train_step, device, top=5)
+        row["profile"] = prof
+
+
 def bench_qat(
     cfg: ModelConfig | StackConfig,
     device: torch.device,
@@ -766,45 +923,45 @@ def bench_qat(
 ) -> list[dict]:
     """Median step time per scheme, eager and compiled; ratio to fp in the same mode.
 
-    Each arm (compilation included) gets ``arm_limit_s`` seconds (0: no limit), and no more
-    than its share of the time left before ``deadline`` (a ``time.perf_counter()`` value; a
-    compiled arm's share is :data:`COMPILED_ARM_WEIGHT` times an eager one's); one
-    that runs over, or fails, is reported with its error instead of stopping the check.
-    ``on_row`` is called with each finished row (incremental saving).
+    Per compile mode, every scheme's arm is built and warmed up (compiled) first, then all are
+    timed in interleaved rounds (:func:`_time_round_robin`). Building an arm gets
+    ``arm_limit_s`` seconds (0: no limit), and no more than its share of the time left before
+    ``deadline`` (a ``time.perf_counter()`` value; a compiled arm's share is
+    :data:`COMPILED_ARM_WEIGHT` times an eager one's); one that runs over, or fails, is
+    reported with its error instead of stopping the check. ``on_row`` is called with each
+    finished row (incremental saving).
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
     arms = [(c, n) for c in compile_modes for n in schemes]
-    times: dict[tuple[bool | str, str], float] = {}
-    for i, (compiled, name) in enumerate(arms):
-        row: dict[str, Any] = {"model": getattr(cfg, "name", ""), "arm": name, "compile": compiled}
-        limit = arm_limit_s
-        if deadline is not None:
-            weights = [COMPILED_ARM_WEIGHT if c else 1 for c, _ in arms[i:]]  # compiling takes longer
-            share = (deadline - time.perf_counter()) * weights[0] / sum(weights)
-            limit = min(limit, share) if limit > 0 else share
-            if limit < 5:
+    for compiled in compile_modes:
+        mode_rows, built = [], []
+        for name in schemes:
+            row: dict[str, Any] = {"model": getattr(cfg, "name", ""), "arm": name, "compile": compiled}
+            mode_rows.append(row)
+            limit = _arm_limit(arms, arms.index((compiled, name)), arm_limit_s, deadline)
+            if deadline is not None and limit < 5:
                 row["error"] = "skipped: over the time budget"
-                rows.append(row)
                 continue
+            trainer = _build_arm(cfg, name, batch, device, compiled, limit, row)
+            if trainer is not None:
+                built.append((row, trainer))
         try:
-            with time_limit(limit):
-                trainer = qat_trainer(cfg, QAT_SCHEMES.get(name, KERNEL_SPECS.get(name)), batch, device, compiled)
-                t0 = time.perf_counter()
-                for _ in range(3):  # warm-up (and compilation)
-                    trainer.train_step()
-                sync(device)
-                row["warmup_s"] = time.perf_counter() - t0
-                times[compiled, name] = time_fn(trainer.train_step, device, reps=steps, warmup=0)
-            row["step_ms"] = times[compiled, name] * 1e3
-            fp = times.get((compiled, "fp"))
-            row["ratio_vs_fp"] = times[compiled, name] / fp if fp else None
-        except Exception as err:  # noqa: BLE001 - report it in the table, keep checking
-            row["error"] = short_error(err, 120)
-        rows.append(row)
-        if on_row is not None:
-            on_row(row)
-        with contextlib.suppress(NameError):
-            del trainer
+            _time_round_robin(built, device, steps)
+        except Exception as err:  # noqa: BLE001 - interleaving failed: each arm alone, as the first run did
+            for row, trainer in built:
+                row["interleave_error"] = short_error(err, 120)
+                try:
+                    _time_round_robin([(row, trainer)], device, steps)
+                except Exception as err1:  # noqa: BLE001 - report it in the table, keep checking
+                    row["error"] = short_error(err1, 120)
+        fp = next((r["step_ms"] for r in mode_rows if r["arm"] == "fp" and "step_ms" in r), None)
+        for row in mode_rows:
+            if "step_ms" in row:
+                row["ratio_vs_fp"] = row["step_ms"] / fp if fp else None
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+        del built
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -833,6 +990,14 @@ def _decode_text(r: dict[str, Any], gbs: float) -> str:
     return text
 
 
+def _profile_text(p: dict[str, Any], top: int = 4) -> str:
+    """``N kernels, T us; name xcount us, ...`` (the first ``top`` of a :func:`profile_kernels` result)."""
+    if "error" in p:
+        return f"profile failed: {p['error']}"
+    head = ", ".join(f"{name[:40]} x{n} {us:.0f}" for name, n, us in p["top"][:top])
+    return f"{p['kernels']} kernels, {p['kernel_us']:.0f} us; {head}"
+
+
 def show(result: dict[str, Any]) -> None:
     """Print the report (the README's table)."""
     t = Table(
@@ -858,20 +1023,30 @@ def show(result: dict[str, Any]) -> None:
     dec = result.get("decode") or {}
     for r in dec.get("rows", []):
         t.add_row("decode", r["scheme"], r.get("error") or _decode_text(r, dec["copy_bandwidth_gbs"]))
+    for r in dec.get("rows", []):
+        if r.get("profile"):
+            t.add_row("decode profile", r["scheme"], _profile_text(r["profile"]))
     for r in result.get("prefill", []):
         parts = [
             f"{k.split('_')[0]} tok: {v:,.0f} tok/s ({_fmt(r.get(k.split('_')[0] + '_time_vs_bf16'), '.2f')}x bf16)"
             for k, v in r.items()
             if k[0].isdigit() and k.endswith("tokens_per_s")
         ]
-        own = [f"own path {v:,.0f} tok/s" for k, v in r.items() if k.startswith("own_path")]
-        t.add_row("prefill", r["scheme"], r.get("error") or ", ".join(parts + own))
+        used = [f"kernels {'+'.join(r['kernels'])}"] if r.get("kernels") else []
+        t.add_row("prefill", r["scheme"], r.get("error") or ", ".join(parts + used))
     for r in result.get("qat", []):
         text = r.get("error") or (
             f"{r['step_ms']:.1f} ms/step"
             + (f", {r['ratio_vs_fp']:.2f}x fp" if r.get("ratio_vs_fp") else "")
             + f" (warm-up {r['warmup_s']:.1f} s)"
+            + (
+                f"; {r['profile']['kernels']} kernels, {r['profile']['kernel_us'] / 1e3:.1f} ms in kernels"
+                if "kernels" in r.get("profile", {})
+                else ""
+            )
         )
+        if r.get("interleave_error") and not r.get("error"):
+            text += f" [yellow](timed alone: {r['interleave_error']})[/yellow]"
         how = "eager" if not r["compile"] else "compiled" if r["compile"] is True else f"compiled {r['compile']}"
         t.add_row(f"QAT step {r['model']}", f"{r['arm']} {how}", text)
     for note in result.get("skipped", []):
@@ -896,7 +1071,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the selected sections within the budget; returns the JSON-able result."""
     device = torch.device(args.device)
     dry = device.type == "cpu"
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if not dry:  # one compiled entry per block layout per model (torch._dynamo imports in 1-2 s: not for dry runs)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     data: dict[str, Any] = {
         "torch": torch.__version__,
         "args": vars(args),

@@ -1,7 +1,7 @@
 """The values of a manifest: types, ranges and consistency, each refusal naming its field.
 
 Checked before anything is built from them. The model's shape and the quantization config
-go through the same rules as a run's config (`qtrain.config.validate`), after their types
+go through the same rules as a run's config (`qtrain.config_rules.validate`), after their types
 are checked here; per-layer specs through `QuantRecipe.check_layer`. Whether the tensors fit what
 the manifest describes is checked afterwards, against the safetensors headers
 (`qtrain.checkpoint.consistency`). What a scheme means is asked of `qtrain.quant.recipe.QuantRecipe`.
@@ -15,7 +15,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from qtrain.config import ModeConfig, ModelConfig, QuantConfig, RunConfig, validate
+from qtrain.config import ModeConfig, ModelConfig, QuantConfig, RunConfig
+from qtrain.config_rules import validate
 from qtrain.errors import CheckpointError
 from qtrain.quant.recipe import QuantRecipe
 

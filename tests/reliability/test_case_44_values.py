@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from qtrain import checkpoint as ck
-from qtrain.config import SEED_MAX
+from qtrain.config_rules import SEED_MAX
 from qtrain.model import GPT
 from tests.reliability.conftest import copy_run, execute, qtrain, rewrite_listed_file, weights
 

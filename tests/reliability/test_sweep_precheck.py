@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from qtrain.config import RunConfig, TrainConfig, warnings_for
+from qtrain.config import RunConfig, TrainConfig
+from qtrain.config_rules import warnings_for
 from qtrain.modes.resume import schedule_change
 from qtrain.precheck import check
 from tests.reliability.conftest import SHRINK, copy_run, execute, qtrain

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qtrain import runtime
-from qtrain.config import validate
+from qtrain.config_rules import validate
 from qtrain.train import Trainer
 from tests.reliability.conftest import config, execute, qtrain
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from qtrain.config import validate
+from qtrain.config_rules import validate
 from tests.conftest import compose_cfg
 
 MODES = ["train", "ptq", "qat", "finetune", "eval", "generate", "verify", "upgrade", "report"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -13,6 +14,16 @@ from qtrain import quant as api
 from qtrain.config import QuantConfig
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.py"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # noqa: ANN202
+    """Tiny shapes: one intra-op thread (on a busy 2-core machine, two threads waiting on each
+    other made these tests ~20x slower); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +82,31 @@ def test_a_slow_or_failing_qat_arm_is_reported_not_raised(gc, monkeypatch: pytes
     assert len(rows) == 4 and all(r["error"] == "RuntimeError: compile failed" for r in rows)
     late = gc.bench_qat(gc.MODEL_DRY, torch.device("cpu"), 1, 1, [False], deadline=time.perf_counter())
     assert [r["error"] for r in late] == ["skipped: over the time budget"] * 2
+
+
+def test_dry_run_measures_decode_and_qat_with_kernel_profiles(gc, tmp_path) -> None:
+    out = tmp_path / "gpu.json"
+    assert gc.main(["--device", "cpu", "--sections", "decode,qat-8b", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["decode"]["rows"]
+    assert [r["scheme"] for r in rows] == ["bf16", "int8", "int4 g32", "int8da_int4w g32", "int4 g32 inductor"]
+    assert all("error" not in r and r["static_logit_error"] < 1e-4 for r in rows)
+    # one decode step profiled: on the CPU the aten ops (on CUDA the kernels of one graph replay)
+    assert all(r["profile"]["kernels"] > 0 and len(r["profile"]["top"]) <= 10 for r in rows), rows
+    by_arm = {r["arm"]: r for r in result["qat"]}
+    assert list(by_arm) == ["fp", "int4 g32", "int8da_int4w g32"]
+    assert all("error" not in r and r["step_ms"] > 0 and r["profile"]["kernels"] > 0 for r in by_arm.values())
+    assert by_arm["fp"]["ratio_vs_fp"] == 1.0
+    # the fake-quant arms run more ops per step than fp (quantize-dequantize of every block weight)
+    assert by_arm["int4 g32"]["profile"]["kernels"] > by_arm["fp"]["profile"]["kernels"]
+
+
+def test_an_eager_qat_arm_is_not_starved_by_the_compiled_ones(gc) -> None:
+    import time
+
+    arms = [(c, n) for c in (False, "regional", "model-cudagraphs") for n in ("fp", "int4 g32", "int8da_int4w g32")]
+    deadline = time.perf_counter() + 60
+    # bare shares: 60 s / 27 weights = 2.2 s for an eager arm, under the 5 s skip line of bench_qat
+    assert gc._arm_limit(arms, 0, 75.0, deadline) >= gc.EAGER_ARM_FLOOR_S - 1
+    assert 4 * 60 / 24 - 1 < gc._arm_limit(arms, 3, 75.0, deadline) <= 4 * 60 / 24  # compiled: its share
+    assert gc._arm_limit(arms, 0, 75.0, time.perf_counter() + 3) <= 3  # never past the deadline

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "qtrain.distributed",
         ),
     ),
-    ("config", ("qtrain.config",)),
+    ("config", ("qtrain.config", "qtrain.config_rules")),
     ("data", ("qtrain.corpus", "qtrain.data")),
     ("model", ("qtrain.model",)),
     ("quant", ("qtrain.quant.*",)),

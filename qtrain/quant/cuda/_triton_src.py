@@ -163,7 +163,7 @@ def dequant_int4_kernel(
     pk = tl.load(p_ptr + rn[:, None] * stride_pn + rb[None, :], mask=mask, other=0)
     g = (2 * rb) // GROUP  # both columns of a byte share a group (groups are even)
     s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_ZERO:
+    if HAS_ZERO:  # noqa: SIM108 - a constexpr branch (no load traced for symmetric weights)
         z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=mask, other=8).to(tl.float32)
     else:
         z = 8.0

@@ -11,9 +11,11 @@ static description) and the tensors it reads; :func:`apply_linear` is the math, 
 - ``int4_tinygemm`` (CUDA): ``aten._weight_int4pack_mm`` on a tinygemm-tiled copy.
 - ``int4``: in-graph unpack + dequantize + ``F.linear`` (any device; the CPU check of the
   decode graph, and CUDA layers tinygemm does not fit).
-- ``int4_gemm`` / ``int8_gemm`` (rows above a threshold, :class:`PrefillLinear`): the Triton
-  dequantize-in-GEMM kernels of :mod:`qtrain.quant.cuda.kernels`; ``int8_intmm`` (int8
-  activations): ``torch._int_mm``.
+- ``int4_dequant`` / ``int8_dequant`` (rows above a threshold, :class:`PrefillLinear`): the
+  Triton dequantize kernel writes the bf16 weight, then cuBLAS (what the packed layers' kernel
+  table runs for many rows); ``int8_intmm`` (int8 activations): ``torch._int_mm``.
+- ``int4_gemm`` / ``int8_gemm``: the Triton dequantize-in-GEMM kernels (measured 2x slower than
+  the dequantize + cuBLAS path at 512 rows on an H200; kept for comparison).
 
 int8 dynamic activations (``act_int8``) are fake-quantized per token first, as the packed
 layers do.
@@ -41,7 +43,8 @@ class LinearPlan:
     """How one linear runs: the path, and the static facts the math needs."""
 
     kind: str
-    """``dense``, ``int8``, ``int4``, ``int4_tinygemm``, ``int4_gemm``, ``int8_gemm`` or ``int8_intmm``."""
+    """``dense``, ``int8``, ``int4``, ``int4_tinygemm``, ``int4_dequant``, ``int8_dequant``,
+    ``int4_gemm``, ``int8_gemm`` or ``int8_intmm``."""
     act_int8: bool = False
     """Fake-quantize the input per token (int8 dynamic activations)."""
     group: int = 0
@@ -91,7 +94,7 @@ def plan_linear(
     Args:
         mod: ``nn.Linear`` (no bias), :class:`Int8Linear` or :class:`Int4Linear`.
         device: where it runs (tinygemm and Triton only on CUDA, or under the interpreter).
-        many_rows: plan for prefill (Triton dequantize-in-GEMM / ``_int_mm``) instead of decode.
+        many_rows: plan for prefill (Triton dequantize + cuBLAS / ``_int_mm``) instead of decode.
         int4: decode int4 with ``"tinygemm"`` (CUDA, where it fits) or ``"inductor"`` (the
             in-graph dequantize, which a compiled one-row product turns into a fused GEMV).
 
@@ -111,12 +114,12 @@ def plan_linear(
         s_row = mod.scales.reshape(1, -1)
         if many_rows and act and device.type == "cuda" and mod.in_features % 8 == 0 and n % 8 == 0:
             return LinearPlan("int8_intmm", True, out_features=n), (mod.weight_int8.t(), s_row.float())
-        kind = "int8_gemm" if many_rows and triton_ok else "int8"
+        kind = "int8_dequant" if many_rows and triton_ok else "int8"
         return LinearPlan(kind, act, out_features=n), (mod.weight_int8, s_row)
     assert isinstance(mod, Int4Linear)
     zeros = mod.zeros if mod.zeros is not None else torch.empty(0, dtype=torch.uint8, device=mod.scales.device)
     if many_rows and triton_ok:
-        return LinearPlan("int4_gemm", act, mod.spec.group_size, n), (mod.weight_packed, mod.scales, zeros)
+        return LinearPlan("int4_dequant", act, mod.spec.group_size, n), (mod.weight_packed, mod.scales, zeros)
     group = tinygemm_group(mod)
     if device.type == "cuda" and group is not None and not many_rows and int4 == "tinygemm":  # slow for many rows
         return LinearPlan("int4_tinygemm", act, group, n), tinygemm_tensors(mod, group)
@@ -154,6 +157,12 @@ def apply_linear(plan: LinearPlan, x: Tensor, tensors: tuple[Tensor, ...]) -> Te
     xq = P.fake_quantize_per_token(x) if plan.act_int8 else x
     if kind == "int8":
         return F.linear(xq, tensors[0].to(x.dtype)) * tensors[1].to(x.dtype)
+    if kind == "int8_dequant":
+        return F.linear(xq.to(torch.bfloat16), kernels.dequant_int8(tensors[0], tensors[1])).to(x.dtype)
+    if kind == "int4_dequant":
+        zeros = tensors[2] if tensors[2].numel() else None
+        w = kernels.dequant_int4(tensors[0], tensors[1], zeros, plan.group)
+        return F.linear(xq.to(torch.bfloat16), w).to(x.dtype)
     if kind == "int8_gemm":
         return kernels.int8_gemm(xq, tensors[0], tensors[1]).to(x.dtype)
     if kind == "int4_gemm":
@@ -169,7 +178,7 @@ def apply_linear(plan: LinearPlan, x: Tensor, tensors: tuple[Tensor, ...]) -> Te
 
 
 class PrefillLinear(nn.Module):
-    """A packed layer that runs many-row inputs through the dequantize-in-GEMM kernels.
+    """A packed layer that runs many-row inputs through the Triton dequantize + cuBLAS path.
 
     At most :data:`PREFILL_MIN_ROWS` - 1 rows go to the wrapped layer (tinygemm, the int8
     GEMV); more go to :func:`apply_linear` with the ``many_rows`` plan.

@@ -31,12 +31,12 @@ def test_the_kernels_under_the_interpreter() -> None:
     once, when it is first imported, and another test may have imported it already)."""
     if torch.cuda.is_available() or INTERPRETED:
         pytest.skip("the tests run directly here")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}  # small shapes: one thread
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", __file__]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     summary = done.stdout.strip().splitlines()[-1]
-    assert "8 passed" in summary, summary  # every kernel test ran (only this one skips there)
+    assert "9 passed" in summary, summary  # every kernel test ran (only this one skips there)
 
 
 @pytest.fixture
@@ -107,6 +107,25 @@ def test_dequant_int4_is_bit_exact_to_the_reference(
     codes8 = P.quantize_weight(torch.randn(n, k, generator=gen) * 0.05, 8, -1, True)
     want8 = P.dequantize(codes8.codes, codes8.scales, None, 8, -1).to(torch.bfloat16)
     assert torch.equal(K.dequant_int8(codes8.codes.to(device), codes8.scales.to(device)).cpu(), want8)
+
+
+@needs_backend
+def test_the_kernel_table_row_runs_the_layer_like_its_dequantized_weight(device: torch.device) -> None:
+    from qtrain.quant import kernels as table
+    from qtrain.quant.packed import Int4Linear, Int8Linear
+    from qtrain.quant.spec import LayerSpec
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(70, 64, generator=gen).to(torch.bfloat16).to(device)  # more rows than tinygemm serves
+    for mod in (
+        Int4Linear.from_float(torch.randn(24, 64, generator=gen), LayerSpec("int4", 4, 32, symmetric=False)),
+        Int8Linear.from_float(torch.randn(24, 64, generator=gen), LayerSpec("int8", 8)),
+    ):
+        w = mod.to(device).packed_weights()
+        y = table.triton_dequant_cuda(w)(x)
+        # same bf16 weight (bit-exact) and the same F.linear: equal up to the GEMM's summation order
+        want = torch.nn.functional.linear(x, w.dequantize_bf16())
+        assert y.dtype == x.dtype and torch.allclose(y.float(), want.float(), rtol=2**-7, atol=1e-3)
 
 
 @needs_backend

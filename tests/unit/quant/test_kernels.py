@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from qtrain.quant import cuda as qcuda
 from qtrain.quant import kernels
 from qtrain.quant.packed import Int4Linear, Int8Linear
 from qtrain.quant.spec import LayerSpec
@@ -20,10 +21,11 @@ def test_plan_lists_the_table_rows_that_fit_in_preference_order() -> None:
     int8 = Int8Linear.empty(128, 64, LayerSpec("int8", 8), device="meta")
     assert _names(int4, "cpu") == ["native", "torch"]
     assert _names(int8, "cpu") == ["native", "torch"]
-    assert _names(int4, "cuda") == ["tinygemm", "dequant_bf16"]
-    assert _names(int8, "cuda") == ["gemv", "dequant_bf16"]  # int_mm only with int8 activations
+    tri = [] if qcuda.why_unavailable(torch.device("cuda")) else ["triton_dequant"]  # where Triton is installed
+    assert _names(int4, "cuda") == ["tinygemm", *tri, "dequant_bf16"]
+    assert _names(int8, "cuda") == ["gemv", *tri, "dequant_bf16"]  # int_mm only with int8 activations
     act8 = Int8Linear.empty(128, 64, LayerSpec("int8", 8, activations="int8"), device="meta")
-    assert _names(act8, "cuda") == ["int_mm", "gemv", "dequant_bf16"]
+    assert _names(act8, "cuda") == ["int_mm", "gemv", *tri, "dequant_bf16"]
     assert _names(int4, "mps") is None
 
 
