@@ -42,6 +42,7 @@ def int4_gemm_kernel(
     m_bucket,
     GROUP: tl.constexpr,
     HAS_ZERO: tl.constexpr,
+    ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -68,9 +69,9 @@ def int4_gemm_kernel(
         g = kc // GROUP  # both columns of a byte share a group (groups are even)
         s = tl.load(s_ptr + rn[None, :] * stride_sn + g[:, None], mask=w_mask, other=0.0).to(tl.float32)
         if HAS_ZERO:
-            z = tl.load(z_ptr + rn[None, :] * stride_sn + g[:, None], mask=w_mask, other=8).to(tl.float32)
+            z = tl.load(z_ptr + rn[None, :] * stride_sn + g[:, None], mask=w_mask, other=ZERO).to(tl.float32)
         else:
-            z = 8.0
+            z = ZERO * 1.0
         w_even = (((pk & 15).to(tl.float32) - z) * s).to(tl.bfloat16)
         w_odd = (((pk >> 4).to(tl.float32) - z) * s).to(tl.bfloat16)
         if DOT_F32:  # the interpreter's bf16 dot is wrong: same bf16 values, float32 dot
@@ -149,6 +150,7 @@ def dequant_int4_kernel(
     stride_wn,
     GROUP: tl.constexpr,
     HAS_ZERO: tl.constexpr,
+    ZERO: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_B: tl.constexpr,
 ):
@@ -164,9 +166,9 @@ def dequant_int4_kernel(
     g = (2 * rb) // GROUP  # both columns of a byte share a group (groups are even)
     s = tl.load(s_ptr + rn[:, None] * stride_sn + g[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_ZERO:  # noqa: SIM108 - a constexpr branch (no load traced for symmetric weights)
-        z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=mask, other=8).to(tl.float32)
+        z = tl.load(z_ptr + rn[:, None] * stride_sn + g[None, :], mask=mask, other=ZERO).to(tl.float32)
     else:
-        z = 8.0
+        z = ZERO * 1.0
     lo = _bf16_rtne(((pk & 15).to(tl.float32) - z) * s)
     hi = _bf16_rtne(((pk >> 4).to(tl.float32) - z) * s)
     both = tl.interleave(lo, hi)  # [BLOCK_N, 2 * BLOCK_B]: even column, then odd

@@ -15,6 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qtrain.quant.spec import implicit_zero
+
+INT4_ZERO = implicit_zero(4)
+"""The int4 codes' implicit zero point (unsigned codes, symmetric weights), from the bit-width table."""
+
 _SRC: list[ModuleType] = []
 
 
@@ -187,7 +192,7 @@ def int4_gemm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, g
         m,
         n,
         (x2, p, s, z, y, m, n, k, x2.stride(0), p.stride(0), s.stride(0), y.stride(0)),
-        {"GROUP": group, "HAS_ZERO": zeros is not None},
+        {"GROUP": group, "HAS_ZERO": zeros is not None, "ZERO": INT4_ZERO},
     )
     return y.reshape(*x.shape[:-1], n)
 
@@ -271,7 +276,7 @@ def dequant_int4(packed: Tensor, scales: Tensor, zeros: Tensor | None, group_siz
     z = s if zeros is None else zeros.contiguous()
     bn, bb = DEQUANT_BLOCK
     grid = (triton_cdiv(n, bn), triton_cdiv(kb, bb))
-    meta = {"GROUP": group, "HAS_ZERO": zeros is not None, "BLOCK_N": bn, "BLOCK_B": bb}
+    meta = {"GROUP": group, "HAS_ZERO": zeros is not None, "ZERO": INT4_ZERO, "BLOCK_N": bn, "BLOCK_B": bb}
     _launch("dequant_int4_kernel", packed.device, grid, p, s, z, w, n, kb, p.stride(0), s.stride(0), k, **meta)
     return w
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from qtrain.quant import primitives as P
 from qtrain.quant.cuda import kernels
+from qtrain.quant.cuda.kernels import INT4_ZERO
 from qtrain.quant.packed import Int4Linear, Int8Linear, PackedLinear, QuantEmbedding
 
 PREFILL_MIN_ROWS = 65
@@ -67,7 +68,7 @@ def tinygemm_tensors(layer: Int4Linear, group: int) -> tuple[Tensor, Tensor]:
     if s.shape[1] != k // group:  # per channel: repeat the one scale per kernel group
         s = s.expand(-1, k // group)
         z = None if z is None else z.expand(-1, k // group)
-    offset = torch.zeros_like(s) if z is None else (8.0 - z) * s
+    offset = torch.zeros_like(s) if z is None else (float(INT4_ZERO) - z) * s
     sz = torch.stack((s, offset), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
     return tiled, sz
 
@@ -130,7 +131,7 @@ def _dequant_int4(packed: Tensor, scales: Tensor, zeros: Tensor, group: int, dty
     n, k = packed.shape[0], packed.shape[1] * 2
     codes = torch.stack((packed & 15, packed >> 4), dim=-1).reshape(n, k)
     g = k if group == -1 else group
-    z = zeros.float().unsqueeze(-1) if zeros.numel() else 8.0
+    z = zeros.float().unsqueeze(-1) if zeros.numel() else float(INT4_ZERO)
     w = (codes.reshape(n, k // g, g).float() - z) * scales.float().unsqueeze(-1)
     return w.reshape(n, k).to(dtype)
 
