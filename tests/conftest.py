@@ -42,6 +42,16 @@ def run_qtrain(args: list[str], cwd: Path | None = None, timeout: float = 120, e
                           timeout=timeout, env=full_env)
 
 
+@pytest.fixture(scope="module")
+def one_thread():  # noqa: ANN201
+    """Tiny shapes: one intra-op thread for a module (on a busy 2-core machine, two threads
+    waiting on each other made tiny compiled steps ~20x slower); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def shrink() -> list[str]:
     """Overrides for a tiny, fast model."""

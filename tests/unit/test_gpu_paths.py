@@ -29,14 +29,7 @@ SPECS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # noqa: ANN202
-    """Tiny shapes: one intra-op thread (on a busy 2-core machine, two threads waiting on each
-    other made these tests ~20x slower); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(spec: LayerSpec | None) -> GPT:
