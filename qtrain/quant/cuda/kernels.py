@@ -155,6 +155,19 @@ def _check(device: torch.device, name: str) -> None:
         raise RuntimeError(f"{name}: {why}")
 
 
+def _int4_shape(
+    name: str, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int
+) -> tuple[int, int, int]:
+    """``(N, K, group)`` of an int4 layer's buffers; ValueError naming ``name`` when they do not fit."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    group = k if group_size == -1 else group_size
+    if group % 2 or k % group or tuple(scales.shape) != (n, k // group):
+        raise ValueError(f"{name}: scales {tuple(scales.shape)} do not fit N={n}, K={k}, group_size={group_size}")
+    if zeros is not None and zeros.shape != scales.shape:
+        raise ValueError(f"{name}: zeros {tuple(zeros.shape)} != scales {tuple(scales.shape)}")
+    return n, k, group
+
+
 def int4_gemm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int) -> Tensor:
     """``x @ W^T`` for an int4 weight, dequantized tile by tile inside the GEMM.
 
@@ -174,12 +187,7 @@ def int4_gemm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, g
     """
     name = "int4_gemm"
     _check(x.device, name)
-    n, k = packed.shape[0], packed.shape[1] * 2
-    group = k if group_size == -1 else group_size
-    if group % 2 or k % group or tuple(scales.shape) != (n, k // group):
-        raise ValueError(f"{name}: scales {tuple(scales.shape)} do not fit N={n}, K={k}, group_size={group_size}")
-    if zeros is not None and zeros.shape != scales.shape:
-        raise ValueError(f"{name}: zeros {tuple(zeros.shape)} != scales {tuple(scales.shape)}")
+    n, k, group = _int4_shape(name, packed, scales, zeros, group_size)
     x2 = _prepare_x(x, k, name)
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
@@ -262,13 +270,8 @@ def dequant_int4(packed: Tensor, scales: Tensor, zeros: Tensor | None, group_siz
     """
     name = "dequant_int4"
     _check(packed.device, name)
-    n, kb = packed.shape
-    k = 2 * kb
-    group = k if group_size == -1 else group_size
-    if group % 2 or k % group or tuple(scales.shape) != (n, k // group):
-        raise ValueError(f"{name}: scales {tuple(scales.shape)} do not fit N={n}, K={k}, group_size={group_size}")
-    if zeros is not None and zeros.shape != scales.shape:
-        raise ValueError(f"{name}: zeros {tuple(zeros.shape)} != scales {tuple(scales.shape)}")
+    n, k, group = _int4_shape(name, packed, scales, zeros, group_size)
+    kb = k // 2
     w = torch.empty(n, k, dtype=torch.bfloat16, device=packed.device)
     if n == 0 or k == 0:
         return w
