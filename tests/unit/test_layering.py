@@ -33,12 +33,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("config", ("qtrain.config", "qtrain.config_rules")),
-    ("data", ("qtrain.corpus", "qtrain.data")),
+    ("data", ("qtrain.corpus", "qtrain.tokenizer", "qtrain.data")),
     ("model", ("qtrain.model",)),
     ("quant", ("qtrain.quant.*",)),
     ("train and evaluate", ("qtrain.train", "qtrain.evaluate", "qtrain.fastdecode")),
     ("checkpoint", ("qtrain.checkpoint.*",)),
+    ("interchange", ("qtrain.hf.*", "qtrain.export.*")),
     ("modes", ("qtrain.modes.*",)),
+    ("api", ("qtrain.api",)),
     ("cli", ("qtrain.cli", "qtrain.cli_flags", "qtrain.precheck", "qtrain.explain", "qtrain.__main__")),
 ]
 """Bottom to top. ``pkg.*`` names a package and everything in it."""
