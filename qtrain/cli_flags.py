@@ -7,8 +7,9 @@ the ConfigStore's schema entries (``mode_schema``, ...) as options: they are the
 types, not choices.
 
 Where the run directory goes (``Flags.scratch``): ``mode=eval``, ``generate`` and ``verify``
-only read checkpoints and print their result, so unless the user names a run directory
-(``hydra.run.dir=DIR``, where ``report.json`` is then written) or runs a sweep (whose job
+only read checkpoints and print their result, and ``mode=export`` writes only to ``out``, so
+unless the user names a run directory (``hydra.run.dir=DIR``, where ``report.json`` is then
+written) or runs a sweep (whose job
 directories ``mode=report`` reads), they run in a temporary directory that is removed
 afterwards: no ``outputs/DATE/TIME`` is left behind.
 """
@@ -32,7 +33,7 @@ from qtrain.explain import ADDED_GROUPS, group_options, groups
 
 HELP_RESOLVER = "qtrain_groups"
 """OmegaConf resolver the help template (conf/config.yaml) lists the config groups with."""
-SCRATCH_MODES = ("eval", "generate", "verify")
+SCRATCH_MODES = ("eval", "generate", "verify", "export")
 """Modes that keep no run directory unless one is asked for (see the module doc)."""
 
 

@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 
 from qtrain.jobdir import register_resolver
 
-MODES = ("train", "ptq", "qat", "finetune", "eval", "generate", "verify", "upgrade", "report")
+MODES = ("train", "ptq", "qat", "finetune", "eval", "generate", "verify", "upgrade", "report", "export")
 GROUPED_SCHEMES = {"int8": False, "int4": True, "int8da_int4w": True}
 """The `quant.scheme` values (besides none) and whether their weights come in groups along K
 (`quant.group_size` applies); the others are per channel and symmetric. The scheme table
@@ -58,7 +58,33 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """Rotary embedding base."""
     norm_eps: float = 1e-5
-    """RMSNorm epsilon."""
+    """RMSNorm epsilon (also of the q/k norms with ``qk_norm``)."""
+    n_kv_head: int | None = None
+    """Key/value heads (grouped-query attention); must divide n_head. None: n_head."""
+    head_dim: int | None = None
+    """Width of one attention head (even, for rotary). None: n_embd // n_head."""
+    attn_bias: bool = False
+    """Biases on the q, k and v projections (Qwen2); the output projection has none."""
+    qk_norm: bool = False
+    """RMSNorm over each head of q and k before rotary (Qwen3)."""
+    rope_scaling: str = "none"
+    """none | llama3 (Llama 3.1+ frequency scaling, the rope_* values below)."""
+    rope_factor: float = 8.0
+    """llama3: how much the low frequencies are slowed down."""
+    rope_low_freq_factor: float = 1.0
+    """llama3: wavelengths over rope_original_context / this are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3: wavelengths under rope_original_context / this are kept; in between, interpolated."""
+    rope_original_context: int = 8192
+    """llama3: the context length the model was pretrained with."""
+
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or n_head when unset."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    def head_size(self) -> int:
+        """Width of one attention head: head_dim, or n_embd // n_head when unset."""
+        return self.n_embd // self.n_head if self.head_dim is None else self.head_dim
 
 
 @dataclass
@@ -95,6 +121,14 @@ class DataConfig:
     """Last fraction of the corpus used for validation."""
     val_windows: int = 128
     """Number of fixed validation windows (-1 for all)."""
+    tokenizer: str = "bytes"
+    """bytes (UTF-8 bytes, 256 ids) | bpe (byte-level BPE trained on the training split, data.vocab_size ids)
+    | hf (the tokenizer.json in data.tokenizer_path). A checkpoint carries its tokenizer: eval, generate,
+    finetune and resume use it without being told. model.vocab_size follows the tokenizer."""
+    vocab_size: int = 1024
+    """Ids of the bpe tokenizer (>= 256)."""
+    tokenizer_path: str | None = None
+    """hf: a model directory holding tokenizer.json (set by init_from=hf:PATH)."""
 
 
 @dataclass
@@ -206,6 +240,22 @@ class EvalConfig:
     """Prompt length for the prefill timing (capped at the context; 0: skip)."""
 
 
+EXPORT_FORMATS = ("hf", "gguf", "compressed-tensors")
+"""The `export.format` values (`mode=export`)."""
+EXPORT_FLOAT_TYPES = ("f32", "f16", "bf16")
+"""The `export.float_type` values."""
+
+
+@dataclass
+class ExportConfig:
+    """`mode=export`: write a checkpoint (or an imported model) in another tool's format to `out`."""
+
+    format: str = "hf"
+    """hf (a Hugging Face model directory) | gguf | compressed-tensors."""
+    float_type: str = "f32"
+    """f32 | f16 | bf16: the type of the weights written in floating point."""
+
+
 @dataclass
 class RunConfig:
     """Everything one `qtrain` invocation needs."""
@@ -219,6 +269,7 @@ class RunConfig:
     qat: QATConfig = field(default_factory=QATConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     init_from: str | None = None
     """Checkpoint dir (or run dir: its latest valid checkpoint) to start a new run from."""
     resume: str = "auto"
@@ -229,7 +280,7 @@ class RunConfig:
     compare_to: str | None = None
     """eval: reference checkpoint for KL / top-1 agreement."""
     out: str | None = None
-    """upgrade: destination directory."""
+    """upgrade, export: destination directory (new; never overwritten)."""
     runs: list[str] = field(default_factory=list)
     """report: run or sweep directories."""
     seed: int = 1337

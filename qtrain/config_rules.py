@@ -17,6 +17,8 @@ from dataclasses import fields
 from typing import Any
 
 from qtrain.config import (
+    EXPORT_FLOAT_TYPES,
+    EXPORT_FORMATS,
     GROUP_SIZES,
     GROUPED_SCHEMES,
     KERNELS,
@@ -49,6 +51,23 @@ def _check_overwrite(p: list[str], cfg: RunConfig) -> None:
         p.append(f"overwrite: mode={mode} writes no checkpoints, so there is nothing to discard; drop overwrite=true")
 
 
+def _validate_tokenizer(p: list[str], cfg: RunConfig) -> None:
+    """`data.tokenizer`, its vocabulary size, its path, and `model.vocab_size` against a bpe's."""
+    d, vocab = cfg.data, cfg.model.vocab_size
+    _check(p, d.tokenizer in ("bytes", "bpe", "hf"), "data.tokenizer", f"'{d.tokenizer}' must be bytes|bpe|hf")
+    if d.tokenizer == "bpe":
+        _check(p, 256 <= d.vocab_size <= 2**31 - 1, "data.vocab_size", f"must be >= 256 (got {d.vocab_size})")
+        _check(
+            p,
+            vocab in (ModelConfig.vocab_size, d.vocab_size) or bool(cfg.init_from),
+            "model.vocab_size",
+            f"{vocab} differs from data.vocab_size={d.vocab_size} (data.tokenizer=bpe sets it); leave it unset",
+        )
+    if d.tokenizer == "hf" and not cfg.init_from:
+        need = "required with data.tokenizer=hf (the directory of a tokenizer.json)"
+        _check(p, bool(d.tokenizer_path), "data.tokenizer_path", need)
+
+
 def validate(cfg: RunConfig) -> list[str]:
     """Return every configuration problem (empty when valid); each names its key."""
     p: list[str] = []
@@ -60,9 +79,7 @@ def validate(cfg: RunConfig) -> list[str]:
     _check(p, _threads_ok(cfg.threads), "threads", f"'{cfg.threads}' must be auto or a positive integer")
     for key in ("n_layer", "n_embd", "n_head", "block_size", "mlp_hidden", "vocab_size"):
         _check(p, getattr(m, key) > 0, f"model.{key}", f"must be > 0 (got {getattr(m, key)})")
-    if m.n_head > 0:
-        _check(p, m.n_embd % m.n_head == 0, "model.n_embd", f"{m.n_embd} not divisible by model.n_head={m.n_head}")
-        _check(p, (m.n_embd // m.n_head) % 2 == 0, "model.n_head", "head size must be even for rotary embeddings")
+    _validate_attention(p, m)
     _check(p, t.max_steps >= 0, "train.max_steps", f"must be >= 0 (got {t.max_steps})")
     _check(p, t.batch_size > 0, "train.batch_size", f"must be > 0 (got {t.batch_size})")
     _check(p, t.lr > 0, "train.lr", f"must be > 0 (got {t.lr})")
@@ -80,6 +97,7 @@ def validate(cfg: RunConfig) -> list[str]:
     _check(p, cfg.data.name in ("pydocs", "text"), "data.name", f"'{cfg.data.name}' must be pydocs|text")
     if cfg.data.name == "text":
         _check(p, bool(cfg.data.path), "data.path", "required with data=text (a file or a directory of .txt files)")
+    _validate_tokenizer(p, cfg)
     _validate_quant(p, q, m)
     _check(p, cfg.ptq.method in PTQ_METHODS, "ptq.method", f"'{cfg.ptq.method}' is not one of {list(PTQ_METHODS)}")
     _check(p, cfg.ptq.calib_batches > 0, "ptq.calib_batches", f"must be > 0 (got {cfg.ptq.calib_batches})")
@@ -152,6 +170,35 @@ def _validate_runnable(p: list[str], cfg: RunConfig) -> None:
                 p.append(f"{key}: must be a finite number (got {value})")
 
 
+ROPE_SCALINGS = ("none", "llama3")
+"""The `model.rope_scaling` values the model implements."""
+
+
+def _validate_attention(p: list[str], m: ModelConfig) -> None:
+    """Heads, key/value heads (grouped-query), head size and rotary scaling."""
+    if m.head_dim is None and m.n_head > 0:
+        _check(p, m.n_embd % m.n_head == 0, "model.n_embd", f"{m.n_embd} not divisible by model.n_head={m.n_head}")
+        _check(p, (m.n_embd // m.n_head) % 2 == 0, "model.n_head", "head size must be even for rotary embeddings")
+    elif m.head_dim is not None:
+        ok = m.head_dim > 0 and m.head_dim % 2 == 0
+        _check(p, ok, "model.head_dim", f"must be a positive even number for rotary embeddings (got {m.head_dim})")
+    if m.n_kv_head is not None:
+        ok = m.n_kv_head > 0 and m.n_head % m.n_kv_head == 0
+        _check(p, ok, "model.n_kv_head", f"{m.n_kv_head} must be > 0 and divide model.n_head={m.n_head}")
+    _check(p, m.rope_scaling in ROPE_SCALINGS, "model.rope_scaling", f"'{m.rope_scaling}' must be none|llama3")
+    if m.rope_scaling == "llama3":
+        _check(p, m.rope_factor >= 1, "model.rope_factor", f"must be >= 1 (got {m.rope_factor})")
+        low = m.rope_low_freq_factor
+        _check(p, low > 0, "model.rope_low_freq_factor", f"must be > 0 (got {low})")
+        _check(
+            p,
+            m.rope_high_freq_factor > m.rope_low_freq_factor,
+            "model.rope_high_freq_factor",
+            f"must be > model.rope_low_freq_factor={m.rope_low_freq_factor} (got {m.rope_high_freq_factor})",
+        )
+        _check(p, m.rope_original_context > 0, "model.rope_original_context", "must be > 0")
+
+
 def _validate_quant(p: list[str], q: QuantConfig, m: ModelConfig) -> None:
     _check(p, q.scheme in SCHEME_NAMES, "quant.scheme", f"'{q.scheme}' is not one of {list(SCHEME_NAMES)}")
     _check(p, q.activations in ("none", "int8"), "quant.activations", f"'{q.activations}' must be none|int8")
@@ -161,10 +208,13 @@ def _validate_quant(p: list[str], q: QuantConfig, m: ModelConfig) -> None:
         ok = q.group_size == -1 or q.group_size in GROUP_SIZES
         _check(p, ok, "quant.group_size", f"{q.group_size} must be one of {list(GROUP_SIZES)} or -1 (per channel)")
         if ok and q.group_size > 0:
-            for name, k in (
+            inputs = [
                 ("attention/MLP input (model.n_embd)", m.n_embd),
                 ("MLP down input (model.mlp_hidden)", m.mlp_hidden),
-            ):
+            ]
+            if m.head_dim is not None and m.n_head * m.head_dim != m.n_embd:
+                inputs.append(("attention output input (model.n_head * model.head_dim)", m.n_head * m.head_dim))
+            for name, k in inputs:
                 _check(
                     p,
                     k % q.group_size == 0,
@@ -180,13 +230,19 @@ def _validate_quant(p: list[str], q: QuantConfig, m: ModelConfig) -> None:
 
 def _validate_mode_inputs(p: list[str], cfg: RunConfig) -> None:
     mode = cfg.mode.name
-    needs_init = ("ptq", "finetune", "eval", "generate", "verify", "upgrade")
+    needs_init = ("ptq", "finetune", "eval", "generate", "verify", "upgrade", "export")
     if mode in needs_init:
         _check(p, bool(cfg.init_from), "init_from", f"mode={mode} needs init_from=PATH (a checkpoint or run dir)")
     if mode in ("ptq", "qat"):
         _check(p, cfg.quant.scheme != "none", "quant", f"mode={mode} needs a scheme: quant={'|'.join(GROUPED_SCHEMES)}")
     if mode == "upgrade":
         _check(p, bool(cfg.out), "out", "mode=upgrade needs out=PATH (a new directory)")
+    if mode == "export":
+        _check(p, bool(cfg.out), "out", "mode=export needs out=PATH (a new directory, or file for gguf)")
+        fmts, floats = EXPORT_FORMATS, EXPORT_FLOAT_TYPES
+        _check(p, cfg.export.format in fmts, "export.format", f"'{cfg.export.format}' is not one of {list(fmts)}")
+        ftype = cfg.export.float_type
+        _check(p, ftype in floats, "export.float_type", f"'{ftype}' is not one of {list(floats)}")
     if mode == "report":
         _check(p, len(cfg.runs) > 0, "runs", "mode=report needs runs=[DIR,...]")
     if cfg.qat.distill and mode == "qat":

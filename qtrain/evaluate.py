@@ -24,6 +24,7 @@ from qtrain.errors import CheckpointError
 from qtrain.fastdecode import FastDecoder
 from qtrain.model import GPT, KVCache
 from qtrain.progress import phase
+from qtrain.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def val_loss(
     model: nn.Module, tokens: torch.Tensor, starts: torch.Tensor, block_size: int, batch_size: int = 32
 ) -> float:
-    """Mean next-token cross-entropy (nats per byte) over the windows at `starts`."""
+    """Mean next-token cross-entropy (nats per token) over the windows at `starts`."""
     was_training = model.training
     model.eval()
     device = _model_device(model)
@@ -57,6 +58,16 @@ def val_loss(
 def perplexity(loss: float) -> float:
     """exp(loss), inf when it overflows."""
     return math.exp(loss) if loss < 700 else float("inf")
+
+
+def bits_per_byte(loss: float, tokens_per_byte: float) -> float:
+    """Validation bits per byte: mean loss (nats per token) x target tokens per target UTF-8 byte / ln 2.
+
+    The same as the windows' total cross-entropy over their targets' UTF-8 byte count, in
+    bits; comparable across tokenizers. For byte tokens `tokens_per_byte` is 1.0, so this is
+    exactly ``loss / ln 2``.
+    """
+    return loss / math.log(2) * tokens_per_byte
 
 
 @dataclass
@@ -198,11 +209,24 @@ def _check_finite(logits: torch.Tensor, pos: int) -> None:
         )
 
 
-def generate(model: GPT, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int) -> str:
-    """Sample text after `prompt` (bytes in, UTF-8 text out with replacement)."""
-    ids = torch.tensor([list(prompt.encode("utf-8")) or [10]], dtype=torch.long)
+def generate(
+    model: GPT,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int,
+    tokenizer: Tokenizer | None = None,
+) -> str:
+    """Sample text after `prompt`: encoded with `tokenizer` (None: bytes), the prompt and sample decoded
+    (invalid UTF-8 replaced). An empty prompt starts from a newline."""
+    if tokenizer is None or tokenizer.kind == "bytes":
+        ids = torch.tensor([list(prompt.encode("utf-8")) or [10]], dtype=torch.long)
+        out = generate_tokens(model, ids, max_new_tokens, temperature, top_k, seed)
+        return bytes(out[0].tolist()).decode("utf-8", errors="replace")
+    ids = torch.tensor([tokenizer.encode(prompt) or tokenizer.encode("\n") or [0]], dtype=torch.long)
     out = generate_tokens(model, ids, max_new_tokens, temperature, top_k, seed)
-    return bytes(out[0].tolist()).decode("utf-8", errors="replace")
+    return tokenizer.decode(out[0].tolist())
 
 
 def _sync(device: torch.device) -> None:

@@ -7,7 +7,8 @@
   context); attention runs over all of it with the mask ``positions <= pos``;
 - the position and the token are device tensors, updated in place by the step itself;
 - each block's math is one function of plain tensors (:func:`make_block_step`: RMSNorm,
-  rotary in float32 from cos/sin tables, ``index_copy_`` into the cache, SDPA, SwiGLU) and
+  the q/k norms when the model has them, rotary in float32 from cos/sin tables,
+  ``index_copy_`` into the cache, grouped-query SDPA, SwiGLU) and
   its linears follow :func:`qtrain.quant.cuda.linear.plan_linear` (int8: a fused int8 GEMV
   under ``coordinate_descent_tuning``; int4: tinygemm). On CUDA it is compiled once per
   distinct block layout (``fullgraph=True``, every layer reuses the graph: regional
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qtrain.config import ModelConfig
 from qtrain.model import GPT, KVCache
 from qtrain.quant.cuda.linear import LinearPlan, apply_linear, plan_linear
 
@@ -56,21 +58,23 @@ def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
 
 
-def make_block_step(plans: tuple[LinearPlan, ...], counts: tuple[int, ...], n_head: int, eps: float) -> BlockFn:
+def make_block_step(plans: tuple[LinearPlan, ...], counts: tuple[int, ...], cfg: ModelConfig) -> BlockFn:
     """The decode math of one block for a given layout of its four linears.
 
     Args:
         plans: qkv, out, gate_up, down plans.
         counts: how many tensors each plan reads (they arrive flat, in that order).
-        n_head: attention heads.
-        eps: RMSNorm epsilon.
+        cfg: the model's shape (heads, key/value heads, head size, RMSNorm epsilon, q/k norms).
 
     Returns:
-        ``fn(x, cos, sin, mask, pos, ck, cv, attn_norm_w, mlp_norm_w, *linear_tensors) -> x``
-        with ``x (1, C)``, ``cos/sin (1, D/2)``, ``mask (1, 1, 1, T)`` bool, ``pos (1,)`` int64,
-        ``ck/cv (1, H, T, D)`` (written at ``pos``).
+        ``fn(x, cos, sin, mask, pos, ck, cv, attn_norm_w, mlp_norm_w, q_norm_w, k_norm_w,
+        *linear_tensors) -> x`` with ``x (1, C)``, ``cos/sin (1, D/2)``, ``mask (1, 1, 1, T)`` bool,
+        ``pos (1,)`` int64, ``ck/cv (1, Hkv, T, D)`` (written at ``pos``); the q/k norm weights
+        are None without ``model.qk_norm``. A linear's bias (Qwen2's qkv) is one of its
+        tensors (``LinearPlan.bias``).
     """
     starts = [sum(counts[:i]) for i in range(len(counts))]
+    nq, nk, d, eps = cfg.n_head, cfg.kv_heads(), cfg.head_size(), cfg.norm_eps
 
     def block_step(
         x: Tensor,
@@ -82,18 +86,21 @@ def make_block_step(plans: tuple[LinearPlan, ...], counts: tuple[int, ...], n_he
         cv: Tensor,
         n1: Tensor,
         n2: Tensor,
+        qn: Tensor | None,
+        kn: Tensor | None,
         *ts: Tensor,
     ) -> Tensor:
         lin = [ts[a : a + n] for a, n in zip(starts, counts, strict=True)]
         c = x.shape[-1]
-        d = c // n_head
-        qkv = apply_linear(plans[0], F.rms_norm(x, (c,), n1, eps), lin[0])  # (1, 3C)
-        q = rotate_pairs(qkv[:, :c].view(1, n_head, d), cos, sin).to(ck.dtype)
-        k = rotate_pairs(qkv[:, c : 2 * c].view(1, n_head, d), cos, sin).to(ck.dtype)
+        qkv = apply_linear(plans[0], F.rms_norm(x, (c,), n1, eps), lin[0])  # (1, (nq + 2 nk) D)
+        q, k = qkv[:, : nq * d].view(1, nq, d), qkv[:, nq * d : (nq + nk) * d].view(1, nk, d)
+        if qn is not None and kn is not None:
+            q, k = F.rms_norm(q, (d,), qn, eps), F.rms_norm(k, (d,), kn, eps)
+        q, k = rotate_pairs(q, cos, sin).to(ck.dtype), rotate_pairs(k, cos, sin).to(ck.dtype)
         ck.index_copy_(2, pos, k.unsqueeze(2))
-        cv.index_copy_(2, pos, qkv[:, 2 * c :].view(1, n_head, 1, d).to(cv.dtype))
-        y = F.scaled_dot_product_attention(q.unsqueeze(2), ck, cv, attn_mask=mask)  # (1, H, 1, D)
-        x = x + apply_linear(plans[1], y.reshape(1, c).to(x.dtype), lin[1])
+        cv.index_copy_(2, pos, qkv[:, (nq + nk) * d :].view(1, nk, 1, d).to(cv.dtype))
+        y = F.scaled_dot_product_attention(q.unsqueeze(2), ck, cv, attn_mask=mask, enable_gqa=nk != nq)  # (1,H,1,D)
+        x = x + apply_linear(plans[1], y.reshape(1, nq * d).to(x.dtype), lin[1])
         gate, up = apply_linear(plans[2], F.rms_norm(x, (c,), n2, eps), lin[2]).chunk(2, dim=-1)
         return x + apply_linear(plans[3], F.silu(gate) * up, lin[3])
 
@@ -125,8 +132,11 @@ class FastDecoder:
         compile: compile the block and head functions (default: on CUDA).
         graph: capture the step as a CUDA graph (default: on CUDA; needs CUDA).
         backend: ``torch.compile`` backend (tests count graphs with their own).
-        int4: int4 decode kernel, ``"tinygemm"`` or ``"inductor"`` (see
-            :func:`~qtrain.quant.cuda.linear.plan_linear`).
+        int4: packed decode kernels, ``"triton-int8"`` (the default: qtrain's Triton GEMV for
+            int8 layers, 1.9-3.0 TB/s on an H200 against 0.5-1.0 for the compiled GEMV; tinygemm
+            for int4, which the Triton int4 GEMV did not beat), ``"triton"``, ``"triton-int4"``,
+            ``"tinygemm"`` or ``"inductor"`` (see :func:`~qtrain.quant.cuda.linear.plan_linear`;
+            without Triton the Triton choices fall back to tinygemm).
     """
 
     def __init__(
@@ -137,7 +147,7 @@ class FastDecoder:
         compile: bool | None = None,
         graph: bool | None = None,
         backend: str | Callable[..., Any] = "inductor",
-        int4: str = "tinygemm",
+        int4: str = "triton-int8",
     ) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
@@ -154,7 +164,7 @@ class FastDecoder:
             )
         self.prompt = prompt.to(self.device)
         dtype, dev = _float_dtype(model), self.device
-        shape = (cfg.n_layer, 1, cfg.n_head, self.max_len, cfg.n_embd // cfg.n_head)
+        shape = (cfg.n_layer, 1, cfg.kv_heads(), self.max_len, cfg.head_size())
         self.cache = KVCache(torch.zeros(shape, device=dev, dtype=dtype), torch.zeros(shape, device=dev, dtype=dtype))
         self.cos, self.sin = rope_cos_sin(model)
         self.positions = torch.arange(self.max_len, device=dev)
@@ -172,7 +182,7 @@ class FastDecoder:
         """Plans and tensors of every block and the head; one (compiled) function per layout."""
         cfg, dev = self.model.cfg, self.device
         fns: dict[tuple[LinearPlan, ...], BlockFn] = {}
-        self.blocks: list[tuple[BlockFn, tuple[Tensor, ...]]] = []
+        self.blocks: list[tuple[BlockFn, tuple[Tensor | None, ...]]] = []
 
         def maybe_compile(fn: BlockFn) -> BlockFn:
             if not compiled:
@@ -187,9 +197,10 @@ class FastDecoder:
             plans = tuple(p for p, _ in planned)
             if plans not in fns:
                 counts = tuple(len(t) for _, t in planned)
-                fns[plans] = maybe_compile(make_block_step(plans, counts, cfg.n_head, cfg.norm_eps))
+                fns[plans] = maybe_compile(make_block_step(plans, counts, cfg))
             norms = (block.get_parameter("attn_norm.weight"), block.get_parameter("mlp_norm.weight"))
-            self.blocks.append((fns[plans], norms + tuple(t for _, ts in planned for t in ts)))
+            qk_norms = tuple(getattr(getattr(attn, n), "weight", None) for n in ("q_norm", "k_norm"))
+            self.blocks.append((fns[plans], (*norms, *qk_norms, *(t for _, ts in planned for t in ts))))
         head_plan, head_ts = plan_linear(self.model.lm_head, dev, int4=int4)
         self.head = maybe_compile(make_head_step(head_plan, cfg.norm_eps))
         self.head_tensors = (self.model.norm.weight, *head_ts)

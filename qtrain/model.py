@@ -1,8 +1,11 @@
 """The GPT: one Llama-style decoder built from a ModelConfig.
 
-RMSNorm, rotary positions, SwiGLU MLP, causal ``scaled_dot_product_attention``, no biases,
-tied or untied embeddings. Every projection is a plain ``nn.Linear`` (fused ``qkv`` and
-``gate_up``); the model knows nothing about quantization, which swaps those modules.
+RMSNorm, rotary positions (adjacent pairs; optional Llama 3.1 frequency scaling), SwiGLU MLP,
+causal ``scaled_dot_product_attention`` with grouped-query heads (``n_kv_head``), optional
+q/k/v biases (Qwen2) and q/k RMSNorm (Qwen3), tied or untied embeddings. Every projection
+is a plain ``nn.Linear`` (fused ``qkv``: all q heads, then all k heads, then all v heads;
+fused ``gate_up``: gate rows, then up rows); the model knows nothing about quantization,
+which swaps those modules.
 
 Example:
     >>> from qtrain.config import ModelConfig
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +27,36 @@ from torch.utils.checkpoint import checkpoint
 from qtrain.config import ModelConfig
 
 
-def rope_tables(head_dim: int, n_pos: int, theta: float) -> torch.Tensor:
-    """Rotations e^{i * pos * freq} as a complex64 table of shape (n_pos, head_dim // 2)."""
+def llama3_frequencies(inv: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Llama 3.1 rotary scaling of the inverse frequencies `inv` (float32), as transformers'
+    ``_compute_llama3_parameters``: wavelengths over ``rope_original_context / rope_low_freq_factor``
+    are divided by ``rope_factor``, those under ``.../rope_high_freq_factor`` kept, the ones
+    between interpolated smoothly (the same float32 operations, so the same table)."""
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old = cfg.rope_original_context
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(head_dim: int, n_pos: int, theta: float, scaling: ModelConfig | None = None) -> torch.Tensor:
+    """Rotations e^{i * pos * freq} as a complex64 table of shape (n_pos, head_dim // 2).
+
+    ``scaling``: a config whose ``rope_scaling`` (none | llama3) rescales the frequencies.
+    """
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is not None and scaling.rope_scaling == "llama3":
+        inv = llama3_frequencies(inv, scaling)
     ang = torch.outer(torch.arange(n_pos, dtype=torch.float32), inv)
     return torch.polar(torch.ones_like(ang), ang)
+
+
+def model_rope(cfg: ModelConfig) -> torch.Tensor:
+    """The rotary table a model of `cfg` uses: (block_size, head_size // 2) complex64."""
+    return rope_tables(cfg.head_size(), cfg.block_size, cfg.rope_theta, cfg)
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -39,7 +68,7 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values for every layer: (n_layer, B, H, T_max, D) each."""
+    """Preallocated keys/values for every layer: (n_layer, B, n_kv_head, T_max, head_size) each."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -47,19 +76,30 @@ class KVCache:
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         """Allocate a cache for `batch` sequences of up to cfg.block_size tokens."""
-        shape = (cfg.n_layer, batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+        shape = (cfg.n_layer, batch, cfg.kv_heads(), cfg.block_size, cfg.head_size())
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention with rotary positions and an optional KV cache."""
+    """Causal self-attention (grouped-query when n_kv_head < n_head) with rotary positions and
+    an optional KV cache; ``qkv`` rows are all q heads, then all k heads, then all v heads."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.n_head = cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
-        self.out = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads(), cfg.head_size()
+        self.gqa = self.n_kv_head != self.n_head
+        """SDPA shares each k/v head among n_head / n_kv_head query heads (``enable_gqa``)."""
+        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.attn_bias)
+        self.out = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+
+    def norm_qk(self, qk: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of each q and k head of ``qk`` (..., n_head + n_kv_head, D) with ``qk_norm``."""
+        if self.q_norm is None or self.k_norm is None:
+            return qk
+        q, k = qk.split((self.n_head, self.n_kv_head), dim=-2)
+        return torch.cat((_rms(self.q_norm, q), _rms(self.k_norm, k)), dim=-2)
 
     def forward(
         self,
@@ -68,25 +108,28 @@ class Attention(nn.Module):
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         start: int = 0,
     ) -> torch.Tensor:
-        b, t, c = x.shape
-        qkv = self.qkv(x).view(b, t, 3, self.n_head, self.head_dim)
-        q, k = apply_rope(qkv[:, :, :2], rot).permute(2, 0, 3, 1, 4)  # (B, H, T, D) each, rotated together
-        v = qkv[:, :, 2].transpose(1, 2)
+        b, t, _ = x.shape
+        nq, nk, d = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.qkv(x)
+        qk = apply_rope(self.norm_qk(qkv[..., : (nq + nk) * d].view(b, t, nq + nk, d)), rot)  # rotated together
+        q, k = qk[:, :, :nq].transpose(1, 2), qk[:, :, nq:].transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
+        v = qkv[..., (nq + nk) * d :].view(b, t, nk, d).transpose(1, 2)
+        sdpa = partial(F.scaled_dot_product_attention, enable_gqa=self.gqa)
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = sdpa(q, k, v, is_causal=True)
         else:
             ck, cv = cache
             ck[:, :, start : start + t] = k
             cv[:, :, start : start + t] = v
             k, v = ck[:, :, : start + t], cv[:, :, : start + t]
             if t == 1:
-                y = F.scaled_dot_product_attention(q, k, v)
+                y = sdpa(q, k, v)
             elif start == 0:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                y = sdpa(q, k, v, is_causal=True)
             else:  # chunk after a prefix: query i sees keys 0..start+i
                 mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.out(y.transpose(1, 2).reshape(b, t, c))
+                y = sdpa(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, t, nq * d))
 
 
 def _rms(norm: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -129,21 +172,23 @@ class Block(nn.Module):
         decode every op is a fixed cost paid per layer per token.
         """
         attn, mlp = self.attn, self.mlp
-        b, c = x.shape
-        h, d = attn.n_head, attn.head_dim
-        qkv = attn.qkv(_rms(self.attn_norm, x))  # (B, 3C)
-        pairs = torch.view_as_complex(qkv[:, : 2 * c].float().reshape(b, 2, h, d // 2, 2))
-        qk = torch.view_as_real(pairs * rot).reshape(b, 2, h, 1, d).to(ck.dtype)
-        ck[:, :, pos] = qk[:, 1, :, 0]
-        cv[:, :, pos] = qkv[:, 2 * c :].reshape(b, h, d)
-        y = F.scaled_dot_product_attention(qk[:, 0], ck[:, :, : pos + 1], cv[:, :, : pos + 1])  # (B, H, 1, D)
-        x = x + attn.out(y.reshape(b, c))
+        b = x.shape[0]
+        nq, nk, d = attn.n_head, attn.n_kv_head, attn.head_dim
+        qkv = attn.qkv(_rms(self.attn_norm, x))  # (B, (nq + 2 nk) D)
+        qk = attn.norm_qk(qkv[:, : (nq + nk) * d].view(b, nq + nk, d))
+        pairs = torch.view_as_complex(qk.float().reshape(b, nq + nk, d // 2, 2))
+        qk = torch.view_as_real(pairs * rot).reshape(b, nq + nk, 1, d).to(ck.dtype)
+        ck[:, :, pos] = qk[:, nq:, 0]
+        cv[:, :, pos] = qkv[:, (nq + nk) * d :].reshape(b, nk, d)
+        q, keys, values = qk[:, :nq], ck[:, :, : pos + 1], cv[:, :, : pos + 1]
+        y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=attn.gqa)  # (B, H, 1, D)
+        x = x + attn.out(y.reshape(b, nq * d))
         gate, up = mlp.gate_up(_rms(self.mlp_norm, x)).chunk(2, dim=-1)
         return x + mlp.down(F.silu(gate) * up)
 
 
 class GPT(nn.Module):
-    """Decoder-only language model over byte tokens."""
+    """Decoder-only language model over token ids (bytes or a subword vocabulary)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -159,9 +204,7 @@ class GPT(nn.Module):
         (``train.activation_checkpointing``; the trainer sets it). Training forwards only: the
         result is the same, the memory for activations drops to one block's plus each block's
         input, at the cost of a second forward per block."""
-        self.register_buffer(
-            "rope", rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta), persistent=False
-        )
+        self.register_buffer("rope", model_rope(cfg), persistent=False)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         """Move/cast like nn.Module, but the complex rope table only changes device.
@@ -175,17 +218,18 @@ class GPT(nn.Module):
         finally:
             device = fn(torch.empty(0, device=rope.device)).device
             if rope.is_meta and device.type != "meta":  # built on the meta device: compute it now
-                c = self.cfg
-                rope = rope_tables(c.n_embd // c.n_head, c.block_size, c.rope_theta)
+                rope = model_rope(self.cfg)
             self._buffers["rope"] = rope.to(device)
         return self
 
     def init_weights(self, seed: int) -> None:
-        """Deterministic init: N(0, 0.02), residual outputs scaled by 1/sqrt(2 * n_layer)."""
+        """Deterministic init: N(0, 0.02), residual outputs scaled by 1/sqrt(2 * n_layer), biases 0."""
         gen = torch.Generator().manual_seed(seed)
         resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layer)
         for name, p in self.named_parameters():
             if p.dim() < 2:
+                if name.endswith(".bias"):
+                    nn.init.zeros_(p)
                 continue
             std = resid_std if name.endswith(("attn.out.weight", "mlp.down.weight")) else 0.02
             with torch.no_grad():

@@ -95,6 +95,8 @@ class TrainCallbacks:
 
     eval_fn: Callable[[nn.Module], float] | None = None
     """Validation loss of the model."""
+    eval_extra: Callable[[float], dict[str, Any]] | None = None
+    """More metrics of an evaluation from its validation loss (bits per byte), logged beside it."""
     save_fn: Callable[[int, dict[str, Any]], Any] | None = None
     """Publish a checkpoint for (step, trainer state)."""
     before_step: list[StepCallback] = field(default_factory=list)
@@ -274,6 +276,8 @@ class Trainer:
         is_last = self.step == cfg.max_steps
         if cfg.eval_every and (self.step % cfg.eval_every == 0 or is_last):
             record["val_loss"] = self.evaluate()
+            if record["val_loss"] is not None and self.callbacks.eval_extra is not None:
+                record.update(self.callbacks.eval_extra(record["val_loss"]))
         if record or self.step % cfg.log_interval() == 0 or is_last:
             tokens = self.sampler.batch_size * self.sampler.block_size * cfg.grad_accum * self.world
             lr = self.optimizer.param_groups[0]["lr"]

@@ -8,17 +8,22 @@ killed run keeps them):
 1. ``kernels``: every packed kernel (int8, int8 + int8 activations, int4 g32/g128 sym/asym,
    int8da_int4w) at the ``model=1b`` layer shapes (and an odd one) and 1..512 rows, against
    the reference (dequantize, fp32 ``F.linear``) with the bound of ``tests/unit/quant/test_packed.py``;
-   the Triton dequantize-in-GEMM kernels (:mod:`qtrain.quant.cuda`) likewise; layer times at
-   1 row (decode) and 512 rows (prefill), ``model=1b`` and Llama-3-8B shapes.
+   qtrain's Triton kernels (:mod:`qtrain.quant.cuda`: decode GEMV, dequantize-in-GEMM, dequantize)
+   likewise, one shape with a bias; then, per layer shape (``model=1b`` and two Llama-3-8B ones),
+   every kernel candidate side by side (:mod:`qtrain.quant.cuda.bench`): device time from CUDA-graph
+   replays at 1 row (bf16, int8 compiled GEMV / Triton GEMV, int4 tinygemm / Triton GEMV, with GB/s)
+   and 512 rows (bf16, Triton dequantize-in-GEMM, Triton dequantize + cuBLAS), and the packed
+   layers' eager wall time with the candidate the kernel table measured and chose.
 2. ``decode``: batch-1 greedy tokens/s at 1b shapes (20 x 2048, 16 heads, mlp 5632, random
    weights) for bf16, int8, int4 g32, int8da_int4w g32 (and int4 g32 through an Inductor GEMV
-   instead of tinygemm): eager (``GPT.decode_step``, the loop of
-   ``GreedyDecoder``) and :class:`qtrain.fastdecode.FastDecoder` (compiled blocks, whole step
+   instead of tinygemm; each packed scheme preceded by ``<scheme> triton``: FastDecoder with
+   qtrain's Triton GEMV): eager (``GPT.decode_step``, the loop of ``GreedyDecoder``) and
+   :class:`qtrain.fastdecode.FastDecoder` (compiled blocks, whole step
    as one CUDA graph), its compile + capture time, its logit error against eager, the
    bandwidth bound (device copy bandwidth / weight bytes per token) and % of it.
 3. ``prefill``: 512 and 2048 tokens per scheme through exactly what the packed layers run
-   (the kernel table: Triton dequantize + cuBLAS above the tinygemm / GEMV rows,
-   ``torch._int_mm`` for int8 activations), and which table rows ran.
+   (the kernel table: its measured row picks Triton dequantize-in-GEMM or Triton dequantize +
+   cuBLAS; ``torch._int_mm`` for int8 activations), and which table rows (and candidates) ran.
 4. ``qat``: training step (bf16 autocast, fused AdamW) for fp / int4 g32 / int8da_int4w g32,
    eager and compiled (``--qat-compile``; default regional: each repeated block compiled once,
    ``fullgraph=True``, the fake-quant inside the graph), at ``model=small`` (batch 16 x 256) and at a Llama-3-8B-like
@@ -103,6 +108,7 @@ from qtrain.fastdecode import FastDecoder, rotate_pairs  # noqa: E402
 from qtrain.model import GPT, KVCache  # noqa: E402
 from qtrain.quant import LayerSpec  # noqa: E402
 from qtrain.quant import primitives as P  # noqa: E402
+from qtrain.quant.cuda import gemv as GV  # noqa: E402
 from qtrain.quant.cuda import kernels as K  # noqa: E402
 from qtrain.quant.fake import FakeQuantLinear  # noqa: E402
 from qtrain.quant.packed import Int4Linear, Int8Linear, PackedLinear  # noqa: E402
@@ -121,15 +127,25 @@ KERNEL_SPECS: dict[str, LayerSpec] = {
 MODEL_1B = ModelConfig(name="1b", n_layer=20, n_embd=2048, n_head=16, block_size=2048, mlp_hidden=5632)
 MODEL_SMALL = ModelConfig(name="small", n_layer=6, n_embd=384, n_head=6, block_size=256, mlp_hidden=1024)
 MODEL_DRY = ModelConfig(name="dry", n_layer=1, n_embd=64, n_head=2, block_size=48, mlp_hidden=128)
+
+
+def decode_kernel(scheme: str) -> str:
+    """FastDecoder's kernel for a decode scheme name (``... triton``, ``... inductor``, else tinygemm)."""
+    return next((k for k in ("triton", "inductor") if scheme.endswith(k)), "tinygemm")
+
+
 DECODE_SCHEMES: dict[str, LayerSpec | None] = {
     "bf16": None,
     "int8": KERNEL_SPECS["int8"],
     "int4 g32": KERNEL_SPECS["int4 g32"],
     "int8da_int4w g32": KERNEL_SPECS["int8da_int4w g32"],
     "int4 g32 inductor": KERNEL_SPECS["int4 g32"],  # int4 decoded by an Inductor GEMV instead of tinygemm
+    "int8 triton": KERNEL_SPECS["int8"],  # qtrain's Triton GEMV in FastDecoder (added after "int8" where Triton runs)
+    "int4 g32 triton": KERNEL_SPECS["int4 g32"],
+    "int8da_int4w g32 triton": KERNEL_SPECS["int8da_int4w g32"],
 }
 PREFILL_SCHEMES: dict[str, LayerSpec | None] = {
-    **{k: v for k, v in DECODE_SCHEMES.items() if "inductor" not in k},
+    **{k: v for k, v in DECODE_SCHEMES.items() if decode_kernel(k) == "tinygemm"},
     "int8 act8": KERNEL_SPECS["int8 act8"],
 }
 QAT_SCHEMES: dict[str, LayerSpec | None] = {
@@ -293,16 +309,17 @@ def profile_kernels(fn: Callable[[], Any], device: torch.device, top: int = 10) 
 # ---------------------------------------------------------------- 1. kernels
 
 
-def kernel_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Allowed |fast - reference|: 2^-6 * (|x| @ |W|^T) + 1e-5 (bf16 activations and output)."""
-    return 2**-6 * (x.abs().float() @ w.abs().t().float()) + 1e-5
+def kernel_bound(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Allowed |fast - reference|: 2^-6 * (|x| @ |W|^T + |bias|) + 1e-5 (bf16 activations and output)."""
+    b = 0.0 if bias is None else bias.abs().float()
+    return 2**-6 * (x.abs().float() @ w.abs().t().float() + b) + 1e-5
 
 
 def _check_row(name: str, mod: PackedLinear, x: torch.Tensor, fast: torch.Tensor, fast_used: bool) -> dict[str, Any]:
     ref = mod.reference_forward(x)
     x_in = P.fake_quantize_per_token(x) if mod.spec.activations == "int8" else x
     err = (fast.float() - ref.float()).abs()
-    frac = float((err / kernel_bound(x_in, mod.dequantize())).max())
+    frac = float((err / kernel_bound(x_in, mod.dequantize(), mod.bias)).max())
     ok = bool(torch.isfinite(fast).all()) and frac <= 1.0 and tuple(fast.shape) == tuple(ref.shape)
     n, k = mod.out_features, mod.in_features
     return {
@@ -387,17 +404,51 @@ def _check_triton(device: torch.device, shapes: list[tuple[int, int]], rows: lis
             if spec.group_size > 0 and k % spec.group_size:
                 continue
             mod = cls.from_float((torch.randn(n, k, generator=gen) * 0.05).to(device), spec, name=name)
-            for m in rows if n % 16 else rows[-1:]:
+            if (n, k) == shapes[0]:  # one shape with a bias (Qwen2's qkv): added inside the kernels
+                mod.set_bias(torch.randn(n, generator=gen).to(device))
+            for m in [*GEMV_ROWS, *rows] if n % 16 else [*GEMV_ROWS[:1], *rows[-1:]]:
                 x = (torch.randn(m, k, generator=gen) + 0.5).to(device, torch.bfloat16)
-                with torch.inference_mode():
-                    if isinstance(mod, Int8Linear):
-                        fast = K.int8_gemm(x, mod.weight_int8, mod.scales)
-                    else:
-                        assert isinstance(mod, Int4Linear)
-                        fast = K.int4_gemm(x, mod.weight_packed, mod.scales, mod.zeros, spec.group_size)
-                    out.append(_check_row(f"triton {name}", mod, x, fast, True))
-            out.append(_check_dequant(name, mod))
+                kind = "gemv" if m <= GV.GEMV_MAX_ROWS else "gemm"
+                try:
+                    with torch.inference_mode():
+                        out.append(_check_row(f"triton {kind} {name}", mod, x, _triton_call(mod, x, kind), True))
+                except Exception as err:  # noqa: BLE001 - e.g. a kernel that does not compile: a failed check
+                    out.append(_failed_row(f"triton {kind} {name}", n, k, m, err))
+            mod.set_bias(None)
+            try:
+                out.append(_check_dequant(name, mod))
+            except Exception as err:  # noqa: BLE001 - a failed check, not a failed run
+                out.append(_failed_row(f"triton dequant {name}", n, k, 0, err))
     return out
+
+
+def _failed_row(kernel: str, n: int, k: int, rows: int, err: BaseException) -> dict[str, Any]:
+    """A kernel check that raised: not ok, with the error."""
+    return {
+        "kernel": kernel,
+        "N": n,
+        "K": k,
+        "rows": rows,
+        "fast": False,
+        "max_err": None,
+        "worst_fraction_of_bound": float("inf"),
+        "ok": False,
+        "error": short_error(err),
+    }
+
+
+GEMV_ROWS = [1, 5]
+"""Rows the Triton GEMV checks use (decode; a partial 8-row tile). Each row bucket compiles its own kernel."""
+
+
+def _triton_call(mod: PackedLinear, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The Triton GEMV or GEMM of ``mod`` on ``x`` (bias included)."""
+    if isinstance(mod, Int8Linear):
+        fn8 = GV.int8_gemv if kind == "gemv" else K.int8_gemm
+        return fn8(x, mod.weight_int8, mod.scales, mod.bias)
+    assert isinstance(mod, Int4Linear)
+    fn4 = GV.int4_gemv if kind == "gemv" else K.int4_gemm
+    return fn4(x, mod.weight_packed, mod.scales, mod.zeros, mod.spec.group_size, mod.bias)
 
 
 def _check_dequant(name: str, mod: PackedLinear) -> dict[str, Any]:
@@ -422,44 +473,27 @@ def _check_dequant(name: str, mod: PackedLinear) -> dict[str, Any]:
     }
 
 
-def time_layers(
-    device: torch.device, shapes: list[tuple[int, int]], reps: int, label: str, gemm: bool = False
-) -> list[dict[str, Any]]:
-    """Layer time (us) at 1 row (decode) and 512 rows (prefill) per path and shape.
+LAYER_TIMES_RESERVE_S = 150.0
+"""Seconds of the budget the layer timings leave for prefill and decode (later shapes are skipped)."""
 
-    1 row: bf16 ``F.linear``, qtrain's int8 (fused GEMV) and int4 (tinygemm) layers. 512 rows:
-    bf16, the int8 / int4 layers' own paths (the kernel table: Triton dequantize + cuBLAS where
-    Triton is installed), the dequantize kernels alone; with ``gemm`` Triton's ``int4_gemm`` /
-    ``int8_gemm`` too (the first device run measured them 1.5-2x slower than dequantize + cuBLAS;
-    their autotuning costs seconds per shape, so they are off by default).
-    """
+
+def time_layers(
+    device: torch.device, shapes: list[tuple[int, int]], label: str, budget: Budget | None = None
+) -> list[dict[str, Any]]:
+    """Per layer shape, every kernel candidate side by side (:func:`qtrain.quant.cuda.bench.layer_times`):
+    device time from CUDA-graph replays at 1 row (decode: bf16, int8 compiled GEMV / Triton GEMV,
+    int4 tinygemm / Triton GEMV, with GB/s) and 512 rows (prefill: bf16, Triton dequantize-in-GEMM,
+    Triton dequantize + cuBLAS), and the eager wall time of the packed layers' own (measured) paths."""
+    from qtrain.quant.cuda import bench
+
     gen = torch.Generator().manual_seed(1)
     out = []
     for n, k in shapes:
+        if budget is not None and not budget.allow(f"layer times {label} N={n} K={k}", LAYER_TIMES_RESERVE_S):
+            continue
         w = (torch.randn(n, k, generator=gen) * 0.05).to(device, torch.bfloat16)
-        q8 = Int8Linear.from_float(w, KERNEL_SPECS["int8"])
-        q4 = Int4Linear.from_float(w, KERNEL_SPECS["int4 g32"])
-        assert isinstance(q8, Int8Linear) and isinstance(q4, Int4Linear)
-        x1 = torch.randn(1, k, generator=gen).to(device, torch.bfloat16)
-        xm = torch.randn(512, k, generator=gen).to(device, torch.bfloat16)
-        fns: dict[str, Callable[[], Any]] = {
-            "1 row bf16": lambda: F.linear(x1, w),  # noqa: B023 - called right here
-            "1 row int8": lambda: q8(x1),  # noqa: B023
-            "1 row int4": lambda: q4(x1),  # noqa: B023
-            "512 rows bf16": lambda: F.linear(xm, w),  # noqa: B023
-            "512 rows int8 layer": lambda: q8(xm),  # noqa: B023
-            "512 rows int4 layer": lambda: q4(xm),  # noqa: B023
-        }
-        if K.available(device):
-            fns["int4 dequant"] = lambda: K.dequant_int4(q4.weight_packed, q4.scales, None, 32)  # noqa: B023
-            fns["int8 dequant"] = lambda: K.dequant_int8(q8.weight_int8, q8.scales)  # noqa: B023
-            if gemm:  # autotuned on first use: seconds per shape
-                fns["512 rows int4_gemm"] = lambda: K.int4_gemm(xm, q4.weight_packed, q4.scales, None, 32)  # noqa: B023
-                fns["512 rows int8_gemm"] = lambda: K.int8_gemm(xm, q8.weight_int8, q8.scales)  # noqa: B023
-        with torch.inference_mode():
-            row = {"shapes": label, "N": n, "K": k}
-            row.update({f"{key} us": time_fn(fn, device, reps) * 1e6 for key, fn in fns.items()})
-        out.append(row)
+        out.append({"shapes": label, "N": n, "K": k, **bench.layer_times(w, device)})
+        del w
     return out
 
 
@@ -608,6 +642,21 @@ def _static_decode(model: GPT, prompt: torch.Tensor, n_tokens: int, use_graph: b
     return row
 
 
+EAGER_TOKENS = 32
+"""Tokens per timed run of eager decode (host-bound, ~50-150 tok/s: kept short)."""
+
+
+def with_triton_rows(schemes: list[str], device: torch.device) -> list[str]:
+    """``schemes`` with ``<packed scheme> triton`` for each packed one (on CUDA where Triton runs,
+    unless listed), after bf16 and before the packed ones: FastDecoder with qtrain's Triton GEMV
+    and the same schemes with tinygemm / Inductor, in one run."""
+    if device.type != "cuda" or not K.available(device):  # the interpreter: too slow for a dry run
+        return schemes
+    extras = [f"{n} triton" for n in schemes if f"{n} triton" in DECODE_SCHEMES and f"{n} triton" not in schemes]
+    head = [n for n in schemes if DECODE_SCHEMES.get(n) is None]  # bf16: the reference of every ratio
+    return head + extras + [n for n in schemes if n not in head]  # the new path first: a budget cut keeps it
+
+
 def decode_one(base: GPT, name: str, n_tokens: int, use_graph: bool, bw: float) -> dict[str, Any]:
     """Eager and static/graph decode of one scheme (packed from ``base``); a failure of the
     static part is reported in ``static_error`` next to the eager numbers."""
@@ -620,14 +669,16 @@ def decode_one(base: GPT, name: str, n_tokens: int, use_graph: bool, bw: float) 
     row: dict[str, Any] = {"scheme": name, "dtype": str(base.tok_emb.weight.dtype).replace("torch.", "")}
     row["weight_bytes"] = weight_bytes(model)
     row["bound_tokens_per_s"] = bw * 1e9 / row["weight_bytes"]
+    kernel = decode_kernel(name)
+    row["decode_kernel"] = "bf16" if spec is None else kernel if kernel != "triton" or K.available(dev) else "tinygemm"
     with torch.inference_mode():
-        eager = EagerDecoder(model, prompt)
-        row["eager_tokens_per_s"] = tokens_per_s(eager.step, eager.reset, n_tokens, 2, dev)
-        del eager
+        if kernel != "triton":  # eager runs the kernel table whatever FastDecoder's kernel: once per scheme
+            eager = EagerDecoder(model, prompt)
+            row["eager_tokens_per_s"] = tokens_per_s(eager.step, eager.reset, min(n_tokens, EAGER_TOKENS), 1, dev)
+            row["eager_kernels"] = _kernels_used(model)
+            del eager
         try:
-            row.update(
-                _static_decode(model, prompt, n_tokens, use_graph, "inductor" if "inductor" in name else "tinygemm")
-            )
+            row.update(_static_decode(model, prompt, n_tokens, use_graph, kernel))
             row["static_fraction_of_bound"] = row["static_tokens_per_s"] / row["bound_tokens_per_s"]
         except Exception as err:  # noqa: BLE001 - keep the eager numbers
             row["static_error"] = short_error(err)
@@ -648,8 +699,8 @@ def bench_decode(
     bw = device_copy_bandwidth(device, 1024 if device.type == "cuda" else 16)
     sec: dict[str, Any] = {"copy_bandwidth_gbs": bw, "decode_tokens": n_tokens, "rows": []}
     results.data["decode"] = sec
-    for name in schemes:
-        if not budget.allow(f"decode {name}", 45 if use_graph else 1):
+    for name in with_triton_rows(schemes, device):
+        if not budget.allow(f"decode {name}", 40 if use_graph else 1):
             continue
         try:
             row = decode_one(base, name, n_tokens, use_graph, bw)
@@ -669,13 +720,11 @@ def bench_decode(
 
 
 def _kernels_used(model: nn.Module) -> list[str]:
-    """Names of the kernel-table rows the packed layers of ``model`` have built (sorted, unique)."""
-    names = set()
-    for mod in model.modules():
-        plan = getattr(mod, "_fast_fn", None)
-        if plan is not None:
-            names.update(plan.rows[i].name for i in plan._fns)
-    return sorted(names)
+    """The kernel-table rows the packed layers of ``model`` ran (sorted, unique), with the
+    candidate each measured row chose (``prefill:triton_gemm``)."""
+    from qtrain.quant.cuda.bench import chosen_kernels
+
+    return chosen_kernels(model)
 
 
 def bench_prefill(cfg: ModelConfig, device: torch.device, lengths: list[int], budget: Budget, results: Results) -> None:
@@ -976,7 +1025,11 @@ def _fmt(v: Any, spec: str = ".0f") -> str:
 
 def _decode_text(r: dict[str, Any], gbs: float) -> str:
     """One decode row of the table."""
-    text = f"eager {r['eager_tokens_per_s']:.0f} tok/s ({_fmt(r.get('eager_vs_bf16'), '.2f')}x bf16), "
+    text = ""
+    if "eager_tokens_per_s" in r:
+        text = f"eager {r['eager_tokens_per_s']:.0f} tok/s ({_fmt(r.get('eager_vs_bf16'), '.2f')}x bf16), "
+    if r.get("decode_kernel"):
+        text = f"{r['decode_kernel']}: " + text
     if "static_error" in r:
         return text + f"[red]static step failed: {r['static_error']}[/red]"
     text += (
@@ -990,11 +1043,43 @@ def _decode_text(r: dict[str, Any], gbs: float) -> str:
     return text
 
 
+def _us(d: dict[str, float], unit: str = "us", spec: str = ".1f") -> str:
+    return "  ".join(f"{k} {v:{spec}}" for k, v in d.items()) + f" ({unit})"
+
+
+def _choice_label(key: list[str]) -> str:
+    """``decode int4 g32 N=6144 K=2048`` from a :func:`qtrain.quant.cuda.table.shape_key` (+ row bucket)."""
+    if len(key) < 8:
+        return " ".join(key)
+    _, kind, bits, n, k, group, zeros, act = key[:8]
+    text = f"{kind} int{bits} g{group} N={n} K={k}" + (" asym" if zeros == "True" else "")
+    text += " act8" if act == "True" else ""
+    return text + (f" rows<={key[8]}" if len(key) > 8 else "")
+
+
+def _layer_texts(r: dict[str, Any]) -> list[tuple[str, str]]:
+    """Lines of one :func:`time_layers` row: decode and prefill kernels (device us), GB/s, eager walls."""
+    us = r.get("us", {})
+    lines = []
+    for part in ("decode", "prefill"):
+        d = {k.split(" ", 1)[1]: v for k, v in us.items() if k.startswith(part)}
+        if d:
+            lines.append((f"{part} device", _us(d)))
+    if r.get("gbs"):
+        lines.append(("decode GB/s", _us({k.split(" ", 1)[1]: v for k, v in r["gbs"].items()}, "GB/s", ".0f")))
+    if r.get("wall_us"):
+        chosen = "; ".join(f"{k}: {'+'.join(v)}" for k, v in r.get("chosen", {}).items())
+        lines.append(("eager wall", _us(r["wall_us"], "us", ".0f") + (f"; ran {chosen}" if chosen else "")))
+    for k, v in r.get("errors", {}).items():
+        lines.append(("error", f"[red]{k}: {v}[/red]"))
+    return lines
+
+
 def _profile_text(p: dict[str, Any], top: int = 4) -> str:
     """``N kernels, T us; name xcount us, ...`` (the first ``top`` of a :func:`profile_kernels` result)."""
     if "error" in p:
         return f"profile failed: {p['error']}"
-    head = ", ".join(f"{name[:40]} x{n} {us:.0f}" for name, n, us in p["top"][:top])
+    head = ", ".join(f"{name[:40]} x{n} {us:.0f} ({us / n:.1f}/call)" for name, n, us in p["top"][:top])
     return f"{p['kernels']} kernels, {p['kernel_us']:.0f} us; {head}"
 
 
@@ -1013,13 +1098,15 @@ def show(result: dict[str, Any]) -> None:
         bad = [r for r in rs if not r["ok"]]
         worst = max(r["worst_fraction_of_bound"] for r in rs)
         text = f"{len(rs) - len(bad)}/{len(rs)} ok, worst error {worst:.2f} of bound"
+        errors = sorted({r["error"] for r in rs if r.get("error")})
+        if errors:
+            text += f"; {len(errors)} error(s): {errors[0]}"
         t.add_row("kernel vs reference", name, text if not bad else f"[red]{text}[/red]")
     for r in result.get("layers", []):
-        t.add_row(
-            f"layer time ({r['shapes']})",
-            f"N={r['N']} K={r['K']}",
-            "  ".join(f"{k[:-3]} {v:.0f}" for k, v in r.items() if k.endswith(" us")) + " (us)",
-        )
+        for what, text in _layer_texts(r):
+            t.add_row(f"layer {what} ({r['shapes']})", f"N={r['N']} K={r['K']}", text)
+    for c in result.get("choices", []):
+        t.add_row("table measured", _choice_label(c["key"]), f"chose {c['chosen']}: " + _us(c["us"]))
     dec = result.get("decode") or {}
     for r in dec.get("rows", []):
         t.add_row("decode", r["scheme"], r.get("error") or _decode_text(r, dec["copy_bandwidth_gbs"]))
@@ -1051,24 +1138,34 @@ def show(result: dict[str, Any]) -> None:
         t.add_row(f"QAT step {r['model']}", f"{r['arm']} {how}", text)
     for note in result.get("skipped", []):
         t.add_row("skipped", "", note)
+    took = ", ".join(f"{k} {v:.0f} s" for k, v in result.get("section_s", {}).items())
     t.add_row(
-        "total", "", f"{result.get('elapsed_s', 0):.0f} s, {result.get('kernel_failures', 0)} kernel check(s) failed"
+        "total",
+        took,
+        f"{result.get('elapsed_s', 0):.0f} s, {result.get('kernel_failures', 0)} kernel check(s) failed",
     )
     console.print(t)
 
 
-def run_kernels(device: torch.device, dry: bool, result: dict[str, Any]) -> None:
-    """Section 1."""
+def run_kernels(device: torch.device, dry: bool, result: dict[str, Any], budget: Budget | None = None) -> None:
+    """Section 1 (the layer timings stop once less than :data:`LAYER_TIMES_RESERVE_S` of ``budget`` is left)."""
+    from qtrain.quant.cuda import select
+
     cfg = MODEL_DRY if dry else MODEL_1B
-    result["kernels"] = check_kernels(device, layer_shapes(cfg), [1, 65] if dry else [1, 16, 17, 64, 65, 512])
+    with _env("QTRAIN_TRITON_AUTOTUNE", "0"):  # correctness: one tile config per variant (compiles cost seconds)
+        result["kernels"] = check_kernels(device, layer_shapes(cfg), [1, 65] if dry else [1, 16, 17, 64, 65, 512])
+    select.CHOICES.clear()  # choices made with untuned kernels: measured again (tuned) by the parts below
+    select.TIMINGS.clear()
     result["kernels"] += check_triton_kernels(device, layer_shapes(cfg), [65] if dry else [65, 512])
     if not dry:
-        result["layers"] = time_layers(device, layer_shapes(cfg)[:4], 20, "1b")
-        result["layers"] += time_layers(device, stack_shapes(STACK_8B), 20, "8b")
+        result["layers"] = time_layers(device, layer_shapes(cfg)[:4], "1b", budget)
+        result["layers"] += time_layers(device, stack_shapes(STACK_8B)[1:3], "8b", budget)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the selected sections within the budget; returns the JSON-able result."""
+    from qtrain.quant.cuda.bench import measured_choices
+
     device = torch.device(args.device)
     dry = device.type == "cpu"
     if not dry:  # one compiled entry per block layout per model (torch._dynamo imports in 1-2 s: not for dry runs)
@@ -1083,17 +1180,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = Results(args.out, data)
     budget = Budget(args.budget_s, data["skipped"])
     sections = args.sections.split(",")
+    took = data["section_s"] = {}
     if "kernels" in sections:
-        run_kernels(device, dry, data)
+        t0 = time.perf_counter()
+        run_kernels(device, dry, data, budget)
         data["kernel_failures"] = sum(not r["ok"] for r in data["kernels"])
+        took["kernels"] = time.perf_counter() - t0
         results.save()
     if "prefill" in sections:  # before decode: cheap, and decode's compiles may use up the budget
+        t0 = time.perf_counter()
         bench_prefill(MODEL_DRY if dry else MODEL_1B, device, [32] if dry else [512, 2048], budget, results)
+        data["choices"] = measured_choices()
+        took["prefill"] = time.perf_counter() - t0
+        results.save()
     if "decode" in sections:
+        t0 = time.perf_counter()
         schemes = args.decode_schemes.split(",")
         bench_decode(
             MODEL_DRY if dry else MODEL_1B, device, schemes, 4 if dry else args.tokens, not dry, budget, results
         )
+        took["decode"] = time.perf_counter() - t0
     data["qat"] = []
     for sec, cfg, batch in (
         ("qat-small", MODEL_DRY if dry else MODEL_SMALL, 2 if dry else args.qat_batch),
@@ -1116,6 +1222,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             on_row=lambda r: (data["qat"].append(r), results.save()),
         )
         data["qat"] += [r for r in rows if r not in data["qat"]]
+    data["choices"] = measured_choices()  # what the kernel table's measured rows timed and chose
     data["elapsed_s"] = time.perf_counter() - budget.t0
     data["kernel_failures"] = sum(not r["ok"] for r in data.get("kernels", []))
     results.save()
@@ -1128,7 +1235,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu (dry run on a tiny model)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--tokens", type=int, default=128, help="decode tokens per timed repeat")
-    ap.add_argument("--decode-schemes", default=",".join(DECODE_SCHEMES), help="comma-separated, run in this order")
+    ap.add_argument(
+        "--decode-schemes",
+        default=",".join(k for k in DECODE_SCHEMES if decode_kernel(k) != "triton"),
+        help="comma-separated, run in this order ('<packed one> triton' rows added after bf16 where Triton runs)",
+    )
     ap.add_argument("--qat-batch", type=int, default=16, help="model=small batch (x 256 tokens)")
     ap.add_argument("--stack-batch", type=int, default=8, help="8B-like stack batch (x 512 tokens)")
     ap.add_argument("--qat-steps", type=int, default=10)

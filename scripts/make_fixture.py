@@ -6,9 +6,12 @@ Run once per format version, at the commit that introduces it, and commit the ou
     python scripts/make_fixture.py tests/fixtures/v2_int4 quant=int4 mode=qat   # format 2
     python scripts/make_fixture.py tests/fixtures/v3_int4 quant=int4 mode=qat   # format 3 (sealed manifest)
 
-A fixture is the *previous* version once the format moves on: the v3 one is to be made (with
-this script, at a commit that writes format 3) before the commit that introduces format 4,
-and committed with it.
+A fixture is the *previous* version once the format moves on: the v3 one was made (with this
+script, at a commit that wrote format 3) before the commit that introduced format 4 (the
+model's attention and rotary fields, the `tokenizer` section). The v4 one is to be made the
+same way, at a commit that writes format 4, before the commit that introduces format 5, and
+committed with it (``tests/fixtures/v4_int4``; a model with the new fields in use, e.g.
+``model.n_kv_head=1``, exercises them).
 
 The expected logits (`<dir>.expected.safetensors`) come from the model as trained, for the
 token ids 0..31, so a later qtrain must reproduce them after loading and migrating.

@@ -86,8 +86,8 @@ def run_ptq(out: Path, fp_dir: Path, fp: dict, rows: list[tuple[str, float, str]
     """Step 2: every PTQ arm from the full-precision checkpoint, and the share of rtn's gap closed."""
     for name, extra in PTQ_ARMS.items():
         r = qtrain(out / f"ptq_{name}", ["mode=ptq", f"init_from={fp_dir}", *extra])
-        summary["ptq"][name] = {"ppl": r["val_ppl"], "bits_per_weight": r.get("bits_per_weight"),
-                                "model_bytes": model_bytes(r)}
+        summary["ptq"][name] = {"ppl": r["val_ppl"], "bpb": r.get("val_bpb"),
+                                "bits_per_weight": r.get("bits_per_weight"), "model_bytes": model_bytes(r)}
         rows.append((f"PTQ {name}", r["val_ppl"], f"{(r['val_ppl'] / fp['val_ppl'] - 1) * 100:+.2f}%"))
     rtn = summary["ptq"]
     for fam in ("int4_g32", "int4_perchannel"):
@@ -107,7 +107,10 @@ def main() -> None:
     ap.add_argument("--only", choices=["all", "ptq", "qat"], default="all")
     ap.add_argument("--qat-extra", action="append", default=[],
                     help="NAME=OVERRIDES: an extra QAT arm, e.g. 'lsq=qat.learn_scales=true'")
+    ap.add_argument("--common", default="", metavar="OVERRIDES",
+                    help="overrides added to every run, e.g. 'data.tokenizer=bpe data.vocab_size=1024'")
     args = ap.parse_args()
+    COMMON.extend(args.common.split())
     data = Path(args.data).resolve()
     if not data.is_file():
         ap.error(f"--data {args.data}: no such file (give the path of a text corpus, e.g. tinyshakespeare.txt)")
@@ -118,7 +121,8 @@ def main() -> None:
     rows: list[tuple[str, float, str]] = [("full precision, 3000 steps", fp["val_ppl"], "")]
     summary: dict = {"data": {"path": str(data), "bytes": data.stat().st_size}, "machine": machine(),
                      "fp": fp["val_ppl"], "fp_val_loss": fp["val_loss"], "fp_model_bytes": model_bytes(fp),
-                     "fp_elapsed_s": fp["elapsed_s"], "ptq": {}, "qat": {}}
+                     "fp_elapsed_s": fp["elapsed_s"], "fp_val_bpb": fp.get("val_bpb"),
+                     "common": COMMON, "ptq": {}, "qat": {}}
     if args.only in ("all", "ptq"):
         run_ptq(out, fp_dir, fp, rows, summary)
     if args.only in ("all", "qat"):
@@ -128,16 +132,20 @@ def main() -> None:
         for scheme, q in arms.items():
             ptq = qtrain(out / f"control_ptq_{scheme}", ["mode=ptq", f"init_from={out / 'control_fp'}", *q])
             variants = {"default": []} | {v.split("=", 1)[0]: v.split("=", 1)[1].split() for v in args.qat_extra}
-            rows.append((f"control PTQ {scheme}", ptq["val_ppl"], ""))
+            rows.append((f"control PTQ {scheme}", ptq["val_ppl"], f"bpb {ptq.get('val_bpb')}"))
+            summary[f"control_ptq_{scheme}"] = {"ppl": ptq["val_ppl"], "bpb": ptq.get("val_bpb")}
             for vname, vargs in variants.items():
                 qat = qtrain(out / f"qat_{scheme}_{vname}", ["mode=qat", f"init_from={fp_dir}", *CONT, *q, *vargs])
                 rec = (ptq["val_ppl"] - qat["val_ppl"]) / (ptq["val_ppl"] - ctl["val_ppl"])
-                summary["qat"][f"{scheme}_{vname}"] = {"ppl": qat["val_ppl"], "recovery": rec,
+                summary["qat"][f"{scheme}_{vname}"] = {"ppl": qat["val_ppl"], "bpb": qat.get("val_bpb"),
+                                                       "recovery": rec,
                                                        "fake_quant_ppl": qat.get("fake_quant_val_ppl"),
                                                        "overrides": vargs}
                 rows.append((f"QAT {scheme} ({vname}) {' '.join(vargs)}", qat["val_ppl"], f"recovery {rec * 100:.1f}%"))
         summary["control_fp"] = ctl["val_ppl"]
-    table = Table(title=f"Regime Q (tiny, {data.name}, byte tokens; {summary['machine']['cpu']})")
+        summary["control_fp_bpb"] = ctl.get("val_bpb")
+    tokens = " ".join(a for a in COMMON if a.startswith("data.tok") or a.startswith("data.vocab")) or "byte tokens"
+    table = Table(title=f"Regime Q (tiny, {data.name}, {tokens}; {summary['machine']['cpu']})")
     for col in ("run", "val ppl / value", "note"):
         table.add_column(col)
     for name, val, note in rows:

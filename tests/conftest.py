@@ -35,6 +35,21 @@ def compose_cfg(overrides: list[str]) -> RunConfig:
     return cfg
 
 
+def qtrain_in_process(args: list[str]) -> int:
+    """Run `qtrain ARGS` in this process (`qtrain.cli.main`, the console script's entrypoint); its exit code.
+
+    No interpreter, torch and Hydra start-up (seconds per child); output goes to pytest's
+    capture (`capsys`). Keep `run_qtrain` for what needs a process of its own.
+    """
+    from qtrain.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
 def run_qtrain(args: list[str], cwd: Path | None = None, timeout: float = 120, env: dict | None = None):
     """Run `python -m qtrain ARGS` in a child process; returns CompletedProcess (text)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -122,8 +122,9 @@ def check_sizes(path: Path, model: dict[str, Any], stored: Shapes, weight_bytes:
             f"{path / MANIFEST}: model.n_embd={model['n_embd']}, but {MODEL_FILE} holds norm.weight of shape "
             f"{list(norm)}; refused before building the model"
         )
-    head = model["n_embd"] // model["n_head"]
-    need = model["block_size"] * (head // 2 * 8 + model["n_layer"] * model["n_embd"] * 2 * 4)
+    shape = ModelConfig(**model)
+    head, kv_width = shape.head_size(), shape.kv_heads() * shape.head_size()
+    need = model["block_size"] * (head // 2 * 8 + model["n_layer"] * kv_width * 2 * 4)
     limit = max(CONTEXT_BYTES_FLOOR, 16 * weight_bytes)
     if need > limit:
         raise CheckpointError(

@@ -12,12 +12,16 @@ from typing import Any
 
 import torch
 
-FORMAT_VERSION = 3
-"""1: full precision; 2: + quantization metadata; 3: + `manifest_sha256` sealing the manifest."""
+FORMAT_VERSION = 4
+"""1: full precision; 2: + quantization metadata; 3: + `manifest_sha256` sealing the manifest;
+4: + the model's attention and rotary fields (grouped-query heads, head size, q/k/v biases,
+q/k norms, rope scaling) and the `tokenizer` section."""
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.safetensors"
 TRAINER_META = "trainer.json"
+CORE_FILES = (MODEL_FILE, TRAINER_FILE, TRAINER_META)
+"""The files every checkpoint qtrain writes holds (besides the manifest); others are `extra_files`."""
 LATEST = "latest"
 MANIFEST_HASH = "manifest_sha256"
 """Manifest entry holding the SHA-256 of the canonical manifest without this entry (format 3)."""
@@ -83,6 +87,9 @@ class Payload:
     """Step, schedule, data position and other scalars."""
     manifest: dict[str, Any] = field(default_factory=dict)
     """Extra manifest entries: config, model shape."""
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+    """Other files stored next to the model (`tokenizer.json`): listed with size and SHA-256 in the
+    manifest's `files` and verified on load like the others (plain `.json` names only)."""
 
 
 @dataclass
@@ -94,6 +101,8 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     trainer_tensors: dict[str, torch.Tensor]
     trainer_meta: dict[str, Any]
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+    """The verified bytes of the files besides model, trainer state and manifest (`tokenizer.json`)."""
 
 
 # ---------------------------------------------------------------- JSON files and the manifest seal

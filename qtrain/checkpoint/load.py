@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 from pathlib import Path
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 from qtrain.checkpoint import consistency as cons
 from qtrain.checkpoint.format import (
+    CORE_FILES,
     DTYPES,
     MANIFEST,
     MAX_HEADER_BYTES,
@@ -215,7 +217,25 @@ def load_checkpoint(path: str | Path, with_trainer: bool = True) -> Checkpoint:
                 raise CheckpointError(
                     f"{p / TRAINER_META}: refers to tensor {err} absent from {TRAINER_FILE}"
                 ) from None
-    return Checkpoint(path=p, manifest=manifest, model_state=model_state, trainer_tensors=tensors, trainer_meta=meta)
+    extra = read_extra_files(p, manifest)
+    return Checkpoint(p, manifest, model_state, tensors, meta, extra_files=extra)
+
+
+def read_extra_files(path: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """The listed files besides the core ones (`tokenizer.json`), each checked again against its size and SHA-256.
+
+    Raises:
+        CheckpointError: a file changed since it was verified.
+    """
+    out: dict[str, bytes] = {}
+    for name, info in manifest["files"].items():
+        if name in CORE_FILES:
+            continue
+        data = (path / name).read_bytes()
+        if len(data) != info["bytes"] or hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise CheckpointError(f"{path / name}: changed after it was verified (size or SHA-256 differs)")
+        out[name] = data
+    return out
 
 
 def build_model(ckpt: Checkpoint, device: torch.device, kernel: str = "auto") -> GPT:

@@ -8,7 +8,9 @@ any entry is used. The seal detects damage and accidental edits; it does not sto
 deliberate forger, who can rewrite the files, the hashes and the seal together.
 
 Formats 1 and 2 carry no seal: `migrate` computes one when they are read, and
-`mode=upgrade` writes a sealed format 3 copy.
+`mode=upgrade` writes a sealed copy of the current format. Format 4 adds the model's
+attention and rotary fields and the `tokenizer` section; `migrate_v3_to_v4` fills them with
+what a format 3 model was (full multi-head attention, byte tokens) and seals the result again.
 """
 
 from __future__ import annotations
@@ -217,7 +219,44 @@ def migrate_v2_to_v3(manifest: dict[str, Any]) -> dict[str, Any]:
     return seal_manifest(out)
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: migrate_v1_to_v2, 2: migrate_v2_to_v3}
+V4_MODEL_FIELDS: dict[str, Any] = {
+    "n_kv_head": None,
+    "head_dim": None,
+    "attn_bias": False,
+    "qk_norm": False,
+    "rope_scaling": "none",
+    "rope_factor": 8.0,
+    "rope_low_freq_factor": 1.0,
+    "rope_high_freq_factor": 4.0,
+    "rope_original_context": 8192,
+}
+"""The `model` fields format 4 added, with what every format 3 model was: one key/value head per
+query head and `n_embd // n_head` wide heads (None: derived, as a new run with the defaults
+writes them), no biases, no q/k norms, unscaled rotary."""
+BYTE_TOKENIZER: dict[str, Any] = {"kind": "bytes", "vocab_size": 256, "file": None, "sha256": None}
+"""The `tokenizer` section of a model trained before format 4 (byte tokens, no file)."""
+
+
+def migrate_v3_to_v4(manifest: dict[str, Any]) -> dict[str, Any]:
+    """v3 -> v4: the new `model` fields (see `V4_MODEL_FIELDS`) and the byte `tokenizer` section.
+
+    The manifest is sealed again over its new content, as `migrate_v2_to_v3` does; `mode=upgrade`
+    writes a v4 copy whose manifest carries that seal.
+    """
+    out = {k: v for k, v in manifest.items() if k != MANIFEST_HASH}
+    if isinstance(out.get("model"), dict):
+        out["model"] = {**V4_MODEL_FIELDS, **out["model"]}
+    if "tokenizer" not in out:
+        out["tokenizer"] = dict(BYTE_TOKENIZER)
+    out["format_version"] = 4
+    return seal_manifest(out)
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    1: migrate_v1_to_v2,
+    2: migrate_v2_to_v3,
+    3: migrate_v3_to_v4,
+}
 
 
 def migrate(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def validate_values(mpath: Path, m: dict[str, Any]) -> None:
     """
     for key, kind in (("created_unix", float), ("qtrain_version", (str, type(None))),
                       ("torch_version", (str, type(None))), ("mode", str), ("config", dict),
-                      ("upgraded_from", dict)):  # fmt: skip
+                      ("upgraded_from", dict), ("imported_from", dict)):  # fmt: skip
         if key in m:
             _typed(mpath, key, m[key], kind)
     quant = m.get("quant")
@@ -106,11 +106,11 @@ def model_config(mpath: Path, model: Any) -> ModelConfig:
     Raises:
         CheckpointError: a missing, unknown, mistyped, out-of-range or inconsistent field.
     """
-    schema = {f.name: (float if f.type == "float" else int if f.type == "int" else
-                       bool if f.type == "bool" else str) for f in fields(ModelConfig)}  # fmt: skip
+    kinds = {"float": float, "int": int, "bool": bool, "str": str, "int | None": (int, type(None))}
+    schema = {f.name: kinds[str(f.type)] for f in fields(ModelConfig)}
     _entries(mpath, "model", model, schema, set(schema))
     for key, kind in schema.items():
-        if kind in (int, float) and not 0 < model[key] <= MAX_DIM:
+        if kind in (int, float, (int, type(None))) and model[key] is not None and not 0 < model[key] <= MAX_DIM:
             raise _fail(mpath, f"model.{key}", f"must be in (0, {MAX_DIM}] (got {model[key]})")
     cfg = ModelConfig(**model)
     run = RunConfig(model=cfg, mode=ModeConfig("eval"), init_from="-")

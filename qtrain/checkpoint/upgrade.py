@@ -91,6 +91,7 @@ def upgrade_checkpoint(src: str | Path, out: str | Path) -> Path:
         trainer_tensors=ckpt.trainer_tensors,
         trainer_meta=ckpt.trainer_meta,
         manifest=extras,
+        extra_files=ckpt.extra_files,  # the tokenizer.json it carries
     )
     need = tensor_bytes(ckpt.model_state) + tensor_bytes(ckpt.trainer_tensors)
     write_dir_atomically(out_p, lambda tmp: write_files(tmp, m["step"], payload), need)

@@ -17,6 +17,7 @@ import torch
 
 from qtrain import __version__, rundir
 from qtrain.checkpoint.format import (
+    CORE_FILES,
     DISK_FULL,
     DTYPE_NAMES,
     FORMAT_VERSION,
@@ -99,6 +100,25 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
+def check_extra_name(name: str) -> str:
+    """`name` if it can be an extra checkpoint file: a plain `.json` name, not one qtrain's own files use.
+
+    Raises:
+        ValueError: any other name (a path, a hidden file, a safetensors file, a core file's name).
+    """
+    plain = name.endswith(".json") and "/" not in name and "\\" not in name and not name.startswith(".")
+    if not plain or name in (*CORE_FILES, MANIFEST):
+        raise ValueError(f"cannot store '{name}' in a checkpoint: extra files are plain .json names")
+    return name
+
+
+def _write_extra(path: Path, data: bytes) -> None:
+    with open_new(path) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[list[str]]]:
     """Drop tensors that share storage with an earlier key; return the kept state and pairs."""
     kept: dict[str, torch.Tensor] = {}
@@ -132,9 +152,11 @@ def write_files(tmp: Path, step: int, payload: Payload) -> dict[str, Any]:
     meta = flatten_state(payload.trainer_meta, "meta", trainer_tensors)
     write_safetensors(trainer_tensors, tmp / TRAINER_FILE)
     _write_json(tmp / TRAINER_META, meta)
+    for name, data in sorted(payload.extra_files.items()):
+        _write_extra(tmp / check_extra_name(name), data)
     files = {
         name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)}
-        for name in (MODEL_FILE, TRAINER_FILE, TRAINER_META)
+        for name in (*CORE_FILES, *sorted(payload.extra_files))
     }
     manifest = {
         "format_version": FORMAT_VERSION,

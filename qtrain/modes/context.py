@@ -19,12 +19,14 @@ from torch import nn
 from qtrain import checkpoint as ck
 from qtrain.config import ModelConfig, RunConfig
 from qtrain.console import info
-from qtrain.data import BatchSampler, Corpus, load_corpus, val_starts
-from qtrain.evaluate import val_loss
+from qtrain.data import BatchSampler, Corpus, load_corpus, target_bytes, tokenizer_for, val_starts
+from qtrain.errors import ConfigError
+from qtrain.evaluate import bits_per_byte, val_loss
 from qtrain.model import GPT
 from qtrain.modes import guards, memory
 from qtrain.progress import banner
 from qtrain.quant.recipe import QuantRecipe
+from qtrain.tokenizer import Tokenizer, tokenizer_from_manifest
 from qtrain.train import StopFlag
 
 
@@ -47,6 +49,13 @@ class RunContext:
     """The model shape the memory was estimated for (the checkpoint's with `init_from`)."""
     memory_line: str | None = None
     """``memory: about N GB at peak (...); M GB available (...)``, printed under the banner."""
+    tokenizer: Tokenizer | None = None
+    """The run's tokenizer (`use_tokenizer`): the checkpoint's with `init_from`, else `data.tokenizer`'s."""
+    imported_from: dict[str, Any] | None = None
+    """Provenance of an imported model (`init_from=hf:DIR`, or a checkpoint carrying it): stored in
+    the manifest of every checkpoint this run writes."""
+    val_tokens_per_byte: float | None = None
+    """Target tokens per UTF-8 byte of the fixed validation windows (`eval_fn_for`): turns val_loss into val_bpb."""
 
     @property
     def ckpt_root(self) -> Path:
@@ -75,17 +84,74 @@ def check_memory(ctx: RunContext, model: ModelConfig, loaded: str | None = None,
 
 
 def corpus_for(ctx: RunContext, block_size: int) -> Corpus:
-    """The configured corpus, checked against the model's context; its fingerprint goes to `ctx.corpus`."""
-    corpus = load_corpus(ctx.cfg.data, block_size)
+    """The configured corpus in the run's tokens, checked against the model's context; its fingerprint
+    goes to `ctx.corpus`."""
+    corpus = load_corpus(ctx.cfg.data, block_size, use_tokenizer(ctx))
     ctx.corpus = corpus.fingerprint
     return corpus
 
 
+def use_tokenizer(ctx: RunContext, source: Any = None) -> Tokenizer:
+    """The run's tokenizer, kept in `ctx.tokenizer`.
+
+    With `source` (a loaded checkpoint or imported model: `.manifest`, `.path`) it is the one the
+    source carries, and a tokenizer the config asks for explicitly must be that one. Without, the
+    first call builds `data.tokenizer`'s (a bpe is trained on the training split or read from the
+    cache) and sets `model.vocab_size` to its size.
+
+    Raises:
+        ConfigError: an explicit tokenizer or `model.vocab_size` that differs (exit 2, naming both).
+        CheckpointError: the source's tokenizer file is missing or altered (exit 3).
+    """
+    if source is not None:
+        tok = tokenizer_from_manifest(source.manifest, Path(source.path))
+        requested = _requested_tokenizer(ctx)
+        if requested is not None and requested.sha256 != tok.sha256:
+            raise ConfigError(
+                f"data.tokenizer: {source.path} was trained with the tokenizer {tok.describe()}, but this run "
+                f"asks for {requested.describe()}; a model only works with its own tokenizer. Drop the "
+                f"data.tokenizer settings (the checkpoint's tokenizer is used), or train a new model"
+            )
+        ctx.tokenizer = tok
+    elif ctx.tokenizer is None:
+        tok = tokenizer_for(ctx.cfg.data, ctx.cfg.seed)
+        m = ctx.cfg.model
+        if tok.kind != "bytes" and m.vocab_size != tok.vocab_size:
+            if m.vocab_size != ModelConfig.vocab_size:
+                raise ConfigError(
+                    f"model.vocab_size: {m.vocab_size}, but data.tokenizer={tok.kind} gives {tok.vocab_size} ids "
+                    f"({tok.describe()}); leave model.vocab_size unset: it follows the tokenizer"
+                )
+            m.vocab_size = tok.vocab_size
+        ctx.tokenizer = tok
+    assert ctx.tokenizer is not None
+    return ctx.tokenizer
+
+
+def _requested_tokenizer(ctx: RunContext) -> Tokenizer | None:
+    """The tokenizer this run's config names explicitly (not the default bytes), else None."""
+    data = ctx.cfg.data
+    keys = {o.lstrip("+~").split("=", 1)[0] for o in ctx.overrides}
+    if data.tokenizer == "bytes" and "data.tokenizer" not in keys:
+        return None
+    return tokenizer_for(data, ctx.cfg.seed)
+
+
 def eval_fn_for(ctx: RunContext, corpus: Corpus, block_size: int) -> Callable[[nn.Module], float]:
-    """Validation loss on the fixed, seeded windows (identical for every mode)."""
+    """Validation loss on the fixed, seeded windows (identical for every mode); sets `ctx.val_tokens_per_byte`."""
     starts = val_starts(len(corpus.val), block_size, ctx.cfg.data.val_windows)
-    batch = memory.eval_batch_size(block_size)  # 32 windows up to 1024 tokens each, fewer beyond
+    tok = corpus.tokenizer or ctx.tokenizer
+    batch = memory.eval_batch_size(block_size, tok.vocab_size if tok is not None else 256)  # bounded memory
+    n_bytes = target_bytes(corpus.val, starts, block_size, tok.token_bytes() if tok is not None else [])
+    ctx.val_tokens_per_byte = len(starts) * block_size / n_bytes if n_bytes else None
     return lambda model: val_loss(model, corpus.val, starts, block_size, batch)
+
+
+def val_bpb(ctx: RunContext, loss: float | None) -> float | None:
+    """Bits per byte of a validation loss measured by `eval_fn_for` (None when unknown)."""
+    if loss is None or ctx.val_tokens_per_byte is None:
+        return None
+    return bits_per_byte(loss, ctx.val_tokens_per_byte)
 
 
 def calibration_batches(ctx: RunContext, corpus: Corpus, block: int, n_batches: int) -> list[torch.Tensor]:
@@ -106,10 +172,13 @@ def unwrap(model: nn.Module) -> GPT:
 
 def n_params_of(model: GPT | ModelConfig) -> int:
     """Parameters of the model's full-precision shape (tied weights once), from the model or its config."""
-    c = model if isinstance(model, ModelConfig) else model.cfg
-    per_block = 4 * c.n_embd * c.n_embd + 3 * c.n_embd * c.mlp_hidden + 2 * c.n_embd
-    emb = c.vocab_size * c.n_embd * (1 if c.tie_embeddings else 2)
-    return c.n_layer * per_block + emb + c.n_embd
+    return memory.n_params(model if isinstance(model, ModelConfig) else model.cfg)
+
+
+def _tokens_note(ctx: RunContext) -> str:
+    """`, tokenizer bpe (vocab ...)` for the banner when the run's tokens are not bytes."""
+    tok = ctx.tokenizer
+    return f", tokenizer {tok.describe()}" if tok is not None and tok.kind != "bytes" else ""
 
 
 def announce(ctx: RunContext, ckpt: ck.Checkpoint | None = None) -> None:
@@ -130,7 +199,9 @@ def announce(ctx: RunContext, ckpt: ck.Checkpoint | None = None) -> None:
             "mode": mode,
             "model": f"{mcfg.name} ({n_params_of(mcfg):,} params)",
             "quant": scheme,
-            "data": cfg.data.name + (f" {cfg.data.path}" if cfg.data.path else ""),
+            "data": None
+            if mode == "export"  # export reads no corpus
+            else cfg.data.name + (f" {cfg.data.path}" if cfg.data.path else "") + _tokens_note(ctx),
             "steps": cfg.train.max_steps if training else None,
             "from": str(ckpt.path) if ckpt is not None else None,
             "device": str(ctx.device),

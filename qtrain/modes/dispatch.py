@@ -28,6 +28,7 @@ from qtrain.console import plain_logging, rank, warn
 from qtrain.errors import ConfigError
 from qtrain.modes.context import RunContext
 from qtrain.modes.eval import run_eval
+from qtrain.modes.export import run_export
 from qtrain.modes.finetune import run_finetune
 from qtrain.modes.generate import run_generate
 from qtrain.modes.ptq import run_ptq
@@ -51,6 +52,7 @@ MODES: dict[str, Callable[[RunContext], dict[str, Any]]] = {
     "report": run_report,
     "verify": run_verify,
     "upgrade": run_upgrade,
+    "export": run_export,
 }
 
 

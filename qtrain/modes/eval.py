@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from qtrain import checkpoint as ck
 from qtrain import runtime
 from qtrain.data import Corpus, val_starts
+from qtrain.errors import ConfigError
 from qtrain.evaluate import compare, perplexity
 from qtrain.model import GPT
-from qtrain.modes import guards
-from qtrain.modes.context import RunContext, announce, corpus_for, eval_fn_for
-from qtrain.modes.loading import load_init, model_from_checkpoint
+from qtrain.modes.context import RunContext, announce, corpus_for, eval_fn_for, val_bpb
+from qtrain.modes.loading import load_init, load_reference
 from qtrain.modes.results import base_report, benchmark
 from qtrain.quant import autotune
+from qtrain.tokenizer import tokenizer_from_manifest
 
 
 def run_eval(ctx: RunContext) -> dict[str, Any]:
@@ -35,14 +35,19 @@ def run_eval(ctx: RunContext) -> dict[str, Any]:
 
 def compared(ctx: RunContext, model: GPT, corpus: Corpus, compare_to: str) -> dict[str, Any]:
     """`compare_to`: the reference's perplexity, KL divergence and top-1 agreement on the same windows."""
-    ref_path = ck.resolve_checkpoint(compare_to, "compare_to")
-    guards.check_comparable(model.cfg, ref_path)  # before loading it
-    ref_ckpt = ck.load_checkpoint(ref_path, with_trainer=False)
-    ref = model_from_checkpoint(ref_ckpt, ctx.device, "reference")
+    ref_ckpt, ref = load_reference(ctx, model.cfg, compare_to)  # a checkpoint, a run dir or hf:DIR
+    ref_path = ref_ckpt.path
+    ref_tok = tokenizer_from_manifest(ref_ckpt.manifest, ref_path)
+    if ctx.tokenizer is not None and ref_tok.sha256 != ctx.tokenizer.sha256:
+        raise ConfigError(
+            f"compare_to: {ref_path} uses the tokenizer {ref_tok.describe()}, the evaluated model "
+            f"{ctx.tokenizer.describe()}: the reference must score the same token windows"
+        )
     starts = val_starts(len(corpus.val), model.cfg.block_size, ctx.cfg.data.val_windows)
     cmp = compare(model, ref, corpus.val, starts, model.cfg.block_size)
     return {
         "reference_val_ppl": perplexity(cmp.reference_val_loss),
+        "reference_val_bpb": val_bpb(ctx, cmp.reference_val_loss),
         "logit_kl": cmp.kl,
         "top1_agreement": cmp.top1_agreement,
     }

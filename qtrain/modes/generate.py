@@ -16,7 +16,7 @@ def run_generate(ctx: RunContext) -> dict[str, Any]:
     ckpt, model = load_init(ctx)
     announce(ctx, ckpt)
     g = ctx.cfg.generate
-    text = generate(model, g.prompt, g.max_new_tokens, g.temperature, g.top_k, ctx.cfg.seed)
+    text = generate(model, g.prompt, g.max_new_tokens, g.temperature, g.top_k, ctx.cfg.seed, ctx.tokenizer)
     if rank() == 0:
         console.print(printable(text), markup=False)  # model output: control bytes shown escaped
     return {

@@ -9,7 +9,10 @@ named parts:
   model): block input, two RMSNorms (input, normalized, output: ``2C + 1``), ``qkv`` ``3C``,
   rotated q/k ``2C``, attention output ``C`` and log-sum-exp ``n_head``, residual ``C``,
   ``gate_up`` ``2F``, SiLU ``F``, product ``F``: ``12C + 4F + n_head + 2`` per layer; then the
-  final norm ``3C + 1`` and the log-softmax of the logits ``vocab``. With
+  final norm ``3C + 1`` and the log-softmax of the logits ``vocab``. (Widths for full multi-head
+  attention; with grouped-query heads or ``model.head_dim``, ``qkv`` is ``(n_head + 2 n_kv_head) D``,
+  rotated q/k ``(n_head + n_kv_head) D`` and the attention output ``n_head D``: :func:`attn_widths`;
+  ``model.qk_norm`` adds the normalized q/k.) With
   ``train.activation_checkpointing=true`` a layer keeps only its input ``C`` and one layer's
   activations are recomputed at a time;
 - the backward pass's peak: at the logits (their gradients in fp32, ``2 x vocab`` per token)
@@ -20,7 +23,12 @@ named parts:
   (32 windows, fewer beyond 1024 tokens: :func:`eval_batch_size`), beside the AdamW state;
 - PTQ/GPTQ: the calibration batches' block inputs (twice: one block's inputs and outputs),
   the Hessians of one block (``3 C^2 + F^2`` fp32) and GPTQ's factorizations of the widest
-  (``4 K^2``); loading: a checkpoint's tensors beside the model built from them.
+  (``4 K^2``), and one block's forward of one calibration batch: GPTQ goes block by block from
+  the captured block inputs and never computes logits, unless the head is quantized too
+  (``quant.lm_head``, or a tied ``quant.embeddings``): then a forward pass per calibration
+  batch, all their logits kept until the head's Hessian is done;
+- loading: a checkpoint's tensors beside the model built from them; a Hugging Face import
+  (memory-mapped, tensor by tensor) the model plus a float32 copy of its largest tensor.
 
 Tensors smaller than glibc's largest mmap threshold (32 MiB) come from the heap, which keeps
 freed memory for reuse: their peak resident size was measured at about 1.6x their size, and
@@ -59,13 +67,23 @@ FIRST_STEP_BYTES = 64 * 2**20
 EVAL_TOKENS = 32 * 1024
 """Tokens per validation batch: 32 windows up to block_size 1024, fewer windows beyond."""
 EVAL_BATCH = 32
+EVAL_LOGIT_BYTES = 2**30
+"""Most bytes of float32 logits one validation batch may hold (a 128k vocabulary at 2048 tokens
+per window is 1 GB a window: such a model validates one window at a time)."""
+IMPORTED = "hf"
+"""`Setting.loaded` of a Hugging Face import (`init_from=hf:DIR`): read tensor by tensor, memory-mapped."""
 Fits = Callable[[RunConfig], "int | None"]
 """Estimated bytes of a changed config when it fits the limit, else None."""
 
 
-def eval_batch_size(block_size: int) -> int:
-    """Validation windows per batch: 32, fewer for contexts over 1024 tokens (bounded memory)."""
-    return max(1, min(EVAL_BATCH, EVAL_TOKENS // max(1, block_size)))
+def eval_batch_size(block_size: int, vocab_size: int = 256) -> int:
+    """Validation windows per batch: 32, fewer for contexts over 1024 tokens or large vocabularies.
+
+    Bounded memory: at most :data:`EVAL_TOKENS` tokens and :data:`EVAL_LOGIT_BYTES` of float32
+    logits per batch, at least one window.
+    """
+    by_logits = EVAL_LOGIT_BYTES // max(1, 4 * vocab_size * block_size)
+    return max(1, min(EVAL_BATCH, EVAL_TOKENS // max(1, block_size), by_logits))
 
 
 @dataclass(frozen=True)
@@ -99,14 +117,23 @@ def n_params(m: ModelConfig) -> int:
     return block_linear_params(m) + linear_free_params(m)
 
 
+def attn_widths(m: ModelConfig) -> tuple[int, int, int]:
+    """Per-token widths of the attention: ``qkv`` output, rotated q and k, attention output."""
+    nq, nk, d = m.n_head, m.kv_heads(), m.head_size()
+    return (nq + 2 * nk) * d, (nq + nk) * d, nq * d
+
+
 def linear_free_params(m: ModelConfig) -> int:
-    """Parameters outside the blocks' projections (embedding, head, norms)."""
-    return m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2) + m.n_embd + 2 * m.n_layer * m.n_embd
+    """Parameters outside the blocks' projection weights (embedding, head, norms, q/k/v biases)."""
+    qkv = attn_widths(m)[0]
+    per_layer = 2 * m.n_embd + (qkv if m.attn_bias else 0) + (2 * m.head_size() if m.qk_norm else 0)
+    return m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2) + m.n_embd + m.n_layer * per_layer
 
 
 def block_linear_params(m: ModelConfig) -> int:
     """Weights of the blocks' four projections: what quantization targets by default."""
-    return m.n_layer * (4 * m.n_embd**2 + 3 * m.n_embd * m.mlp_hidden)
+    qkv, _, att = attn_widths(m)
+    return m.n_layer * (m.n_embd * (qkv + att) + 3 * m.n_embd * m.mlp_hidden)
 
 
 def _tensors(widths: list[int], tokens: int, nbytes: int) -> int:
@@ -121,8 +148,10 @@ def _tensors(widths: list[int], tokens: int, nbytes: int) -> int:
 def block_saved(m: ModelConfig, act_int8: bool = False) -> list[int]:
     """Widths of the per-token tensors one block keeps for the backward pass (see module doc)."""
     c, f = m.n_embd, m.mlp_hidden
-    widths = [c, 1, c, c, 3 * c, 2 * c, m.n_head, c, c, 1, c, c, 2 * f, f, f]
-    return widths + ([c] if act_int8 else [])  # the attention output, fake-quantized, beside itself
+    qkv, qk, att = attn_widths(m)
+    widths = [c, 1, c, c, qkv, qk, m.n_head, att, c, 1, c, c, 2 * f, f, f]
+    widths += [qk, m.n_head + m.kv_heads()] if m.qk_norm else []  # normalized q/k and their rsqrt
+    return widths + ([att] if act_int8 else [])  # the attention output, fake-quantized, beside itself
 
 
 def head_saved(m: ModelConfig) -> list[int]:
@@ -130,12 +159,18 @@ def head_saved(m: ModelConfig) -> list[int]:
     return [m.n_embd, 1, m.n_embd, m.n_embd, m.vocab_size]
 
 
+def block_widths(m: ModelConfig) -> list[int]:
+    """Largest set of per-token tensors alive at once in one block's no-grad forward."""
+    c, f = m.n_embd, m.mlp_hidden
+    qkv, qk, _ = attn_widths(m)
+    attention = [c, c, qkv, qk, qk]
+    mlp = [c, c, 2 * f, f, f]
+    return max(attention, mlp, key=sum)
+
+
 def eval_widths(m: ModelConfig) -> list[int]:
     """Largest set of per-token tensors alive at once in a no-grad forward, logits included."""
-    c, f = m.n_embd, m.mlp_hidden
-    attention = [c, c, 3 * c, 2 * c, 2 * c]
-    mlp = [c, c, 2 * f, f, f]
-    return max(attention, mlp, key=sum) + [m.vocab_size] * 3
+    return block_widths(m) + [m.vocab_size] * 3
 
 
 # ---------------------------------------------------------------- phases
@@ -166,7 +201,12 @@ def _activations(cfg: RunConfig, m: ModelConfig, act_bytes: int) -> list[tuple[s
 
 
 def loading_phase(m: ModelConfig, loaded: str) -> list[tuple[str, int]]:
-    """A checkpoint's tensors while the model is built from them (``loaded``: its scheme); freed after."""
+    """A checkpoint's tensors while the model is built from them (``loaded``: its scheme); freed after.
+    An import (:data:`IMPORTED`) holds one tensor at a time (measured 1.10x the model for Llama-3.2-1B)."""
+    if loaded == IMPORTED:
+        qkv, _, _ = attn_widths(m)
+        largest = max(m.vocab_size, qkv, 2 * m.mlp_hidden) * m.n_embd
+        return [("weights", 4 * n_params(m)), ("one imported tensor", 4 * largest)]
     bits = QuantRecipe.from_config({"scheme": loaded}).weight_bits
     lin = block_linear_params(m)
     return [("weights", 4 * n_params(m)), ("checkpoint tensors", lin * bits // 8 + 4 * (n_params(m) - lin))]
@@ -201,7 +241,7 @@ def validation_phase(cfg: RunConfig, m: ModelConfig, training: bool) -> list[tup
     parts = [("weights", 4 * p)]
     if training:
         parts += [("AdamW state", 8 * p)] + [x for x in _optimizer_parts(cfg, m)[3:]]
-    windows = eval_batch_size(m.block_size)
+    windows = eval_batch_size(m.block_size, m.vocab_size)
     if cfg.data.val_windows > 0:
         windows = min(windows, cfg.data.val_windows)
     tokens = windows * m.block_size
@@ -212,18 +252,37 @@ def validation_phase(cfg: RunConfig, m: ModelConfig, training: bool) -> list[tup
 def calibration_phase(cfg: RunConfig, m: ModelConfig, method: str) -> list[tuple[str, int]]:
     """PTQ (or QAT's PTQ start): GPTQ calibration data and Hessians, or MSE/RTN per-layer work."""
     c, f = m.n_embd, m.mlp_hidden
+    qkv, _, att = attn_widths(m)
     parts = [("weights", 4 * n_params(m))]
-    widest = max(4 * c * c, 3 * c * f)  # largest projection (qkv or gate_up rows x columns)
+    head = m.vocab_size * c if head_quantized(cfg, m) else 0
+    widest = max(c * (qkv + att), 3 * c * f, head)  # largest weight worked on (qkv+out, gate_up+down, head)
     if not METHODS[method].needs_calibration:
         return parts + [(f"{method} per-layer work", 6 * 4 * widest)]
     batch = cfg.train.batch_size * m.block_size
     n = cfg.ptq.calib_batches
     parts.append((f"calibration ({n} x {cfg.train.batch_size} x {m.block_size} tokens)", n * batch * (2 * 4 * c + 8)))
     parts.append(
-        (f"{method.upper()} Hessians and factors", 4 * (3 * c * c + f * f) + 4 * 4 * max(c, f) ** 2 + 3 * 4 * widest)
+        (
+            f"{method.upper()} Hessians and factors",
+            4 * (2 * c * c + att * att + f * f) + 4 * 4 * max(c, f, att) ** 2 + 3 * 4 * widest,
+        )
     )
-    parts.append(("calibration forward", _tensors(eval_widths(m), batch, 4)))
+    parts.append(_calibration_forward(cfg, m, batch, n))
     return parts
+
+
+def head_quantized(cfg: RunConfig, m: ModelConfig) -> bool:
+    """Whether quantization targets the output head (``quant.lm_head``, or a tied ``quant.embeddings``)."""
+    return bool(cfg.quant.lm_head or (m.tie_embeddings and cfg.quant.embeddings))
+
+
+def _calibration_forward(cfg: RunConfig, m: ModelConfig, batch: int, n: int) -> tuple[str, int]:
+    """GPTQ's forward work (`qtrain.quant.gptq.quantize_layers`): one block on one batch, no logits;
+    with the head quantized, a full forward per batch for the head's Hessian (one batch's logits at a time)."""
+    block = _tensors(block_widths(m), batch, 4)
+    if not head_quantized(cfg, m):
+        return ("calibration forward (one block, one batch)", block)
+    return ("calibration forward (head: one batch's logits)", max(block, _tensors(eval_widths(m), batch, 4)))
 
 
 def _phases(cfg: RunConfig, m: ModelConfig, loaded: str | None, act_bytes: int) -> dict[str, list[tuple[str, int]]]:
@@ -320,8 +379,9 @@ def remedies(cfg: RunConfig, model: ModelConfig, limit: int, setting: Setting = 
 
     Training: a smaller ``train.batch_size`` with a larger ``train.grad_accum`` (the same
     sequences per optimizer step), ``train.activation_checkpointing=true``, or both; for a
-    fresh model when neither fits, a shorter ``model.block_size``. GPTQ calibration: fewer
-    ``ptq.calib_batches``. Empty when nothing qtrain can change fits.
+    fresh model when neither fits, and for a Hugging Face import in any mode, a shorter
+    ``model.block_size``. GPTQ calibration: fewer ``ptq.calib_batches``. Empty when nothing
+    qtrain can change fits.
     """
 
     def fits(c: RunConfig, m: ModelConfig = model) -> int | None:
@@ -331,11 +391,12 @@ def remedies(cfg: RunConfig, model: ModelConfig, limit: int, setting: Setting = 
     out: list[str] = []
     if cfg.mode.name in TRAINING_MODES:
         out = _training_remedies(cfg, fits)
-        if not out and setting.loaded is None:
-            for size in (model.block_size // 2**k for k in range(1, 6)):
-                if size >= 16 and (need := fits(cfg, dataclasses.replace(model, block_size=size))) is not None:
-                    out.append(f"model.block_size={size} (a shorter context; about {gb(need)})")
-                    break
+    if not out and (setting.loaded == IMPORTED or setting.loaded is None and cfg.mode.name in TRAINING_MODES):
+        halvings = 12 if setting.loaded == IMPORTED else 5  # an import's context may be 131072 tokens
+        for size in (model.block_size // 2**k for k in range(1, halvings + 1)):
+            if size >= 16 and (need := fits(cfg, dataclasses.replace(model, block_size=size))) is not None:
+                out.append(f"model.block_size={size} (a shorter context; about {gb(need)})")
+                break
     if cfg.mode.name == "ptq" and METHODS[cfg.ptq.method].needs_calibration or cfg.mode.name == "qat" and cfg.init_from:
         for n in (cfg.ptq.calib_batches // 2**k for k in range(1, 8)):
             if n >= 1 and (need := fits(dataclasses.replace(cfg, ptq=dataclasses.replace(cfg.ptq, calib_batches=n)))):

@@ -59,6 +59,7 @@ COLUMNS = (
     ("scheme", "left"),
     ("method", "left"),
     ("val ppl", "right"),
+    ("val bpb", "right"),
     ("vs ref", "right"),
     ("recovered", "right"),
     ("model MB", "right"),
@@ -85,6 +86,7 @@ def _cells(r: Row) -> list[Text]:
         ppl = Text(fmt_number(r.val_ppl) + OTHER_CORPUS, style="yellow")
     d = MEASURED_DIGITS
     plain = [
+        fmt_number(r.val_bpb),  # bits per byte: compares across tokenizers
         "" if vs_ref is None else fmt_number(vs_ref, sign=True, digits=d) + "%",
         "" if r.recovered_pct is None else fmt_number(r.recovered_pct, digits=d) + "%",
         _mb(r.model_bytes),

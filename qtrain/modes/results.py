@@ -20,10 +20,11 @@ from qtrain.console import plain, rank
 from qtrain.corpus import describe
 from qtrain.evaluate import decode_speed, perplexity, prefill_speed
 from qtrain.model import GPT
-from qtrain.modes.context import RunContext, n_params_of, unwrap
+from qtrain.modes.context import RunContext, n_params_of, unwrap, val_bpb
 from qtrain.quant.recipe import QuantRecipe
 from qtrain.report_format import REPORT_FILE, fmt_entry, print_wide
 from qtrain.rundir import write_atomic
+from qtrain.tokenizer import byte_tokenizer
 
 
 def base_report(
@@ -40,11 +41,13 @@ def base_report(
     return {
         "mode": ctx.cfg.mode.name,
         "quant": quant,
-        "model": ctx.cfg.model.name if ctx.cfg.mode.name in ("train", "qat") else gpt.cfg.name,
+        "model": gpt.cfg.name,
         "n_params": n_params_of(gpt),
         "step": step,
         "val_loss": vloss,
         "val_ppl": perplexity(vloss) if vloss is not None else None,
+        "val_bpb": val_bpb(ctx, vloss),
+        "tokenizer": (ctx.tokenizer or byte_tokenizer()).manifest_section(),
         "checkpoint": str(path) if path is not None else None,
         "checkpoint_bytes": size,
         "model_bytes": model_bytes(path),
@@ -94,6 +97,7 @@ def quant_report(
     if ref_loss is not None:
         report["reference_val_loss"] = ref_loss
         report["reference_val_ppl"] = perplexity(ref_loss)
+        report["reference_val_bpb"] = val_bpb(ctx, ref_loss)
         report["ppl_vs_reference"] = perplexity(vloss) / perplexity(ref_loss)
     return report
 
@@ -107,6 +111,8 @@ def summary_table(report: dict[str, Any], title: str = "qtrain run") -> Table:
         if key in ("layers",):
             continue
         text = describe(value) if key == "corpus" and isinstance(value, dict) else fmt_entry(value)
+        if key == "tokenizer" and isinstance(value, dict):
+            text = f"{value.get('kind')} (vocab {value.get('vocab_size')})"
         table.add_row(plain(key), plain(text))  # paths, prompts, generated text: never markup
     return table
 

@@ -18,7 +18,7 @@ from qtrain.config import TrainConfig
 from qtrain.console import info, warn
 from qtrain.errors import CheckpointError, ConfigError
 from qtrain.modes import resume_check
-from qtrain.modes.context import RunContext, config_dict, corpus_for, eval_fn_for, unwrap
+from qtrain.modes.context import RunContext, config_dict, corpus_for, eval_fn_for, unwrap, use_tokenizer
 from qtrain.modes.loading import model_from_checkpoint
 from qtrain.modes.results import quant_report
 from qtrain.quant.recipe import QuantRecipe
@@ -98,6 +98,14 @@ def _check_same_run(path: Path, ckpt: ck.Checkpoint, model: nn.Module, ctx: RunC
         raise ConfigError(
             f"resume: {path} holds another model: {', '.join(differ)}; start a new run dir (hydra.run.dir=...)"
         )
+    saved_tok = (ckpt.manifest.get("tokenizer") or {}).get("sha256")
+    if ctx.tokenizer is not None and saved_tok != ctx.tokenizer.sha256:  # never another tokenizer's ids
+        section = ckpt.manifest.get("tokenizer") or {"kind": "bytes"}
+        raise ConfigError(
+            f"resume: {path} was trained with the tokenizer {section.get('kind')} (vocab {section.get('vocab_size')}, "
+            f"sha256 {str(saved_tok)[:12]}), this run uses {ctx.tokenizer.describe()}; re-run with the "
+            f"checkpoint's data.tokenizer settings, or start a new run dir (hydra.run.dir=...)"
+        )
     mismatch = QuantRecipe.from_manifest(ckpt.manifest.get("quant")).layer_difference(model)
     if mismatch:  # never a silent load of another scheme's codes and scales (shapes can coincide)
         raise ConfigError(
@@ -158,6 +166,7 @@ def finished_result(ctx: RunContext) -> dict[str, Any] | None:
         )
     info(f"resume: {found} is this run's converted final checkpoint; re-evaluating it")
     ckpt = ck.load_checkpoint(found, with_trainer=False)
+    use_tokenizer(ctx, ckpt)
     model = model_from_checkpoint(ckpt, ctx.device, ctx.cfg.quant.kernel)
     corpus = corpus_for(ctx, model.cfg.block_size)
     vloss = eval_fn_for(ctx, corpus, model.cfg.block_size)(model)

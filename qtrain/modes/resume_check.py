@@ -91,6 +91,24 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+TOKENIZER_KEYS = ("data.tokenizer", "data.tokenizer_path")
+"""Set by the run itself from `init_from=hf:DIR` (the model's own tokenizer)."""
+
+
+def _set_by_the_run(key: str, saved: Mapping[str, Any], now: Any, defaults: Mapping[str, Any]) -> bool:
+    """Whether `key` differs only because the run set it: a command that leaves it at its default is no change.
+
+    A bpe/hf run records the tokenizer's `model.vocab_size`, and `init_from=hf:DIR` records
+    `data.tokenizer=hf` with that directory; the resumed run sets them again from the same
+    tokenizer, whose SHA-256 the resume compares with the checkpoint's.
+    """
+    if now != defaults.get(key):
+        return False
+    if key == "model.vocab_size":
+        return saved.get("data.tokenizer", "bytes") != "bytes"
+    return key in TOKENIZER_KEYS and str(saved.get("init_from") or "").startswith("hf:")
+
+
 def is_safe(key: str) -> bool:
     """Whether a resumed run may change `key`."""
     return key in SAFE_KEYS or key.split(".", 1)[0] in SAFE_GROUPS
@@ -148,6 +166,8 @@ def compare(
         before = old.get(key, defaults.get(key))
         after = new[key]
         if key in NOT_COMPARED or before == after or (key in PATH_KEYS and _same_path(before, after)):
+            continue
+        if _set_by_the_run(key, old, after, defaults):
             continue
         change = Change(key, before, after)
         if is_safe(key) or (key == "data.path" and content):  # the same text under another name

@@ -16,6 +16,7 @@ from torch import nn
 from qtrain import checkpoint as ck
 from qtrain.console import info, rank
 from qtrain.modes.context import RunContext, config_dict, unwrap
+from qtrain.tokenizer import byte_tokenizer
 
 QuantSection = Callable[[], "dict[str, Any] | None"]
 """Builds the manifest's `quant` section at save time (the layers as they are then), or None."""
@@ -30,10 +31,14 @@ def payload_for(
     manifest = {"mode": ctx.cfg.mode.name, "config": config_dict(ctx.cfg), "model": asdict(gpt.cfg)}
     if ctx.corpus is not None:
         manifest["corpus"] = ctx.corpus
+    if ctx.imported_from is not None:
+        manifest["imported_from"] = ctx.imported_from  # provenance: the imported model's files and hashes
+    tok = ctx.tokenizer or byte_tokenizer()
+    manifest["tokenizer"] = tok.manifest_section()  # its tokenizer.json travels as an extra file
     state = dict(model.state_dict())
     if quant is not None:
         manifest["quant"] = quant
-    return ck.Payload(model_state=state, trainer_meta=meta, manifest=manifest)
+    return ck.Payload(model_state=state, trainer_meta=meta, manifest=manifest, extra_files=tok.files())
 
 
 def save(

@@ -56,6 +56,8 @@ class Row:
     val_corpus_sha256: str | None = None
     corpus_differs: bool = False
     """True when ``val_corpus_sha256`` is not the one most rows were validated on."""
+    val_bpb: float | None = None
+    """Validation bits per byte: compares across tokenizers (perplexity does not)."""
     scheme_key: list[Any] = field(default_factory=list)
 
 
@@ -133,7 +135,7 @@ def _int(value: Any) -> int | None:
 
 
 NUMBER_KEYS = (
-    "val_ppl", "val_loss", "reference_val_ppl", "ppl_vs_reference", "model_bytes", "checkpoint_bytes",
+    "val_ppl", "val_loss", "val_bpb", "reference_val_ppl", "ppl_vs_reference", "model_bytes", "checkpoint_bytes",
     "bits_per_weight", "decode_tokens_per_s", "elapsed_s", "bench_s", "step", "n_params",
 )  # fmt: skip
 """report.json entries that must be numbers (or null) to be shown."""
@@ -210,6 +212,7 @@ def job_row(job: Job, label: str) -> Row:
         status=status,
         ok=ok,
         val_corpus_sha256=_val_sha(rep),
+        val_bpb=_num(rep.get("val_bpb")),
         scheme_key=scheme_key(recipe) if rep else [],
     )
 

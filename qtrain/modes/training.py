@@ -17,7 +17,7 @@ from qtrain.console import rank
 from qtrain.data import BatchSampler, Corpus
 from qtrain.evaluate import perplexity
 from qtrain.model import GPT
-from qtrain.modes.context import RunContext, eval_fn_for, world_size
+from qtrain.modes.context import RunContext, eval_fn_for, val_bpb, world_size
 from qtrain.modes.results import quant_report
 from qtrain.modes.resume import try_resume
 from qtrain.modes.saving import QuantSection, save, saver
@@ -60,6 +60,7 @@ def train_model(
     sampler = BatchSampler(corpus.train, block, cfg.train.batch_size, cfg.seed, rank(), world_size())
     callbacks = TrainCallbacks(
         eval_fn=eval_fn_for(ctx, corpus, block),
+        eval_extra=lambda loss: {"val_bpb": val_bpb(ctx, loss)},
         save_fn=saver(ctx, model, quant),
         before_step=list(before_step),
         after_step=list(after_step),
@@ -128,4 +129,5 @@ def finish_quantized(
     report = quant_report(ctx, model, trainer.step, vloss, path, recipe, method, ref_loss)
     report["fake_quant_val_loss"] = fake_loss
     report["fake_quant_val_ppl"] = perplexity(fake_loss)
+    report["fake_quant_val_bpb"] = val_bpb(ctx, fake_loss)
     return report

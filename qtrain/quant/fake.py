@@ -13,7 +13,8 @@ through. Scales come from one of three sources:
 - frozen (after :meth:`FakeQuantLinear.freeze`, or explicit scales from a packed
   checkpoint): fixed values; the codes then depend only on the weight.
 
-State dict of a FakeQuantLinear: ``weight``, ``scales`` (fp32 ``[N, G]``; a parameter when
+State dict of a FakeQuantLinear: ``weight``, ``bias`` (only when the wrapped linear has one:
+full precision, never quantized, added after the fake-quantized matmul), ``scales`` (fp32 ``[N, G]``; a parameter when
 learnable), ``zeros`` (uint8 ``[N, G]``, asymmetric int4 only), and the bool flags
 ``weight_enabled``, ``act_enabled``, ``frozen``. In dynamic mode ``scales``/``zeros`` hold the
 values of the last forward.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +45,7 @@ WeightHook = Callable[[str, Tensor], Tensor | None]
 
 
 class FakeQuantLinear(nn.Module):
-    """``nn.Linear`` (no bias) whose weight, and optionally input, are fake-quantized.
+    """``nn.Linear`` whose weight, and optionally input, are fake-quantized (a bias stays full precision).
 
     Args:
         in_features: K.
@@ -53,6 +55,7 @@ class FakeQuantLinear(nn.Module):
         name: module name passed to weight hooks and used in errors.
         device: where to allocate (ignored when ``weight`` is given).
         weight: an existing parameter to use (shared, not copied).
+        bias: an existing ``[N]`` bias parameter to use (shared, not copied), or None (no bias).
 
     Raises:
         ValueError: the spec is invalid for this layer (names the layer).
@@ -60,6 +63,7 @@ class FakeQuantLinear(nn.Module):
 
     scales: Tensor
     zeros: Tensor | None
+    bias: nn.Parameter | None
     weight_enabled: Tensor
     act_enabled: Tensor
     frozen: Tensor
@@ -73,6 +77,7 @@ class FakeQuantLinear(nn.Module):
         name: str = "",
         device: torch.device | str | None = None,
         weight: nn.Parameter | None = None,
+        bias: nn.Parameter | None = None,
     ) -> None:
         super().__init__()
         spec.check(name or "FakeQuantLinear", in_features)
@@ -83,8 +88,11 @@ class FakeQuantLinear(nn.Module):
             weight = nn.Parameter(torch.empty(out_features, in_features, device=device))
         elif tuple(weight.shape) != (out_features, in_features):
             raise ValueError(f"{name}: weight shape {tuple(weight.shape)} != ({out_features}, {in_features})")
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"{name}: bias shape {tuple(bias.shape)} != ({out_features},)")
         device = weight.device
         self.weight = weight
+        self.register_parameter("bias", bias)
         scales = torch.ones(out_features, spec.groups(in_features), device=device)
         if learn_scales:
             self.scales = nn.Parameter(scales)
@@ -113,7 +121,7 @@ class FakeQuantLinear(nn.Module):
         scales: Tensor | None = None,
         zeros: Tensor | None = None,
     ) -> FakeQuantLinear:
-        """Wrap a bias-free ``nn.Linear``, sharing its weight parameter (ties survive).
+        """Wrap an ``nn.Linear``, sharing its weight (ties survive) and bias parameters.
 
         Args:
             linear: the module to replace.
@@ -128,12 +136,11 @@ class FakeQuantLinear(nn.Module):
             The new module.
 
         Raises:
-            ValueError: the linear has a bias or the spec does not fit it.
+            ValueError: the spec does not fit the linear.
         """
-        if linear.bias is not None:
-            raise ValueError(f"{name or 'linear'}: FakeQuantLinear supports bias-free linears only")
-        w = linear.weight
-        fq = cls(w.shape[1], w.shape[0], spec, learn_scales, name, weight=w)
+        w = cast(nn.Parameter, linear.weight)  # nn.Module keeps parameters as nn.Parameter
+        bias = cast(nn.Parameter | None, linear.bias)
+        fq = cls(w.shape[1], w.shape[0], spec, learn_scales, name, weight=w, bias=bias)
         explicit = scales is not None
         if scales is None and w.device.type != "meta":
             scales, zeros = P.choose_qparams(w, spec.bits, spec.group_size, spec.symmetric)
@@ -149,7 +156,8 @@ class FakeQuantLinear(nn.Module):
         """Fake-quant module reproducing a packed layer's codes exactly (for fine-tuning).
 
         The weight is the dequantized codes and the scales (and zeros) are the packed ones,
-        frozen unless ``learn_scales``; its forward re-derives the very same codes.
+        frozen unless ``learn_scales``; its forward re-derives the very same codes. A packed
+        bias becomes a trainable bias parameter (a copy).
 
         Args:
             packed: an ``Int8Linear`` / ``Int4Linear``.
@@ -161,7 +169,9 @@ class FakeQuantLinear(nn.Module):
         """
         spec: LayerSpec = packed.spec  # type: ignore[assignment]
         w = nn.Parameter(packed.dequantize())  # type: ignore[operator]
-        fq = cls(w.shape[1], w.shape[0], spec, learn_scales, name, weight=w)
+        b = packed.bias
+        bias = None if b is None else nn.Parameter(b.detach().clone())  # type: ignore[operator]
+        fq = cls(w.shape[1], w.shape[0], spec, learn_scales, name, weight=w, bias=bias)
         fq._set_qparams(packed.scales, packed.zeros)  # type: ignore[arg-type]
         if not learn_scales:
             fq.frozen.fill_(True)
@@ -169,9 +179,10 @@ class FakeQuantLinear(nn.Module):
         return fq
 
     def to_linear(self) -> nn.Linear:
-        """Plain ``nn.Linear`` sharing this module's weight parameter."""
+        """Plain ``nn.Linear`` sharing this module's weight (and bias) parameter."""
         lin = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
         lin.weight = self.weight
+        lin.register_parameter("bias", self.bias)
         return lin
 
     def _set_qparams(self, scales: Tensor, zeros: Tensor | None) -> None:
@@ -288,18 +299,18 @@ class FakeQuantLinear(nn.Module):
         return w
 
     def forward(self, x: Tensor) -> Tensor:
-        """``F.linear(fq_act(x), fq(weight))``; shapes ``(..., K) -> (..., N)``."""
+        """``F.linear(fq_act(x), fq(weight), bias)``; shapes ``(..., K) -> (..., N)``."""
         _, a_on, _ = self._flags()
         if a_on:
             x = fake_quantize_activation(x)
-        return F.linear(x, self.fake_weight())
+        return F.linear(x, self.fake_weight(), self.bias)
 
     def extra_repr(self) -> str:
         s = self.spec
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
             f"group_size={s.group_size}, symmetric={s.symmetric}, activations={s.activations}, "
-            f"learn_scales={self.learn_scales}"
+            f"learn_scales={self.learn_scales}, bias={self.bias is not None}"
         )
 
 

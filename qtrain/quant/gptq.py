@@ -240,7 +240,12 @@ def quantize_layers(
         rest = [n for n in names if n not in done and n != EMBEDDING]
         if rest:
             bar.advance(0, note="output layers")
-            hs = _hessians(lambda: [model(b) for b in calib], model, rest, spec.activations == "int8")
+
+            def run_model() -> None:
+                for b in calib:
+                    model(b)  # one batch's logits at a time
+
+            hs = _hessians(run_model, model, rest, spec.activations == "int8")
             for name in rest:
                 qw = gptq_quantize(float_weight(model, name), hs[name], spec, damp, mse_grid=grid)
                 swap_packed(model, name, qw, spec, kernel)

@@ -15,18 +15,22 @@ cpu      8     any     1..64      ``aten._weight_int8pack_mm``, bf16 activations
 cpu      4     any     1..8       qtrain's AVX2 int4 [native]
 cpu      4     any     1..64      ``aten._weight_int4pack_mm_for_cpu`` (repacked copy, bf16)
 cuda     8     int8    17..       ``torch._int_mm`` int8 x int8 -> int32, then both scales
+cuda     8     any     1..8       [measured] Triton GEMV | compiled GEMV
 cuda     8     any     1..16      ``torch.compile``-fused dequantize-GEMV (:func:`int8_gemv`)
-cuda     8     any     1..        Triton dequantize to bf16 (one kernel) + cuBLAS [triton]
+cuda     8     any     1..        [measured] Triton dequantize-in-GEMM | Triton dequantize + cuBLAS
 cuda     8     any     1..        dequantize to bf16 + matmul
+cuda     4     any     1..8       [measured] Triton GEMV | tinygemm
 cuda     4     any     1..64      tinygemm ``aten._weight_int4pack_mm`` (bf16)
-cuda     4     any     1..        Triton dequantize to bf16 (one kernel) + cuBLAS [triton]
+cuda     4     any     1..        [measured] Triton dequantize-in-GEMM | Triton dequantize + cuBLAS
 cuda     4     any     1..        dequantize to bf16 + matmul
 =======  ====  ======  =========  ============================================================
 
-[triton]: where Triton is installed (:mod:`qtrain.quant.cuda`): the whole bf16 weight written by
-one memory-bound kernel, then ``F.linear``. On an H200 at 512 rows (N=6144, K=2048) the eager
-dequantize + matmul took 157 us against 39 us for bf16, and Triton's dequantize-in-GEMM
-kernel 297 us; the dequantize kernel moves ~30 MB (~8 us at 4 TB/s) before the same cuBLAS GEMM.
+[measured]: rows ``decode`` and ``prefill`` (where Triton is installed, :mod:`qtrain.quant.cuda`)
+time their candidates on a layer's first call and keep the fastest, remembered per layer shape
+(``prefill``: per power-of-two row bucket too); see :mod:`qtrain.quant.cuda.select`. Triton
+GEMV: one kernel reading the packed weight once (decode); dequantize-in-GEMM: the weight
+dequantized tile by tile in registers, never written; dequantize + cuBLAS: the whole bf16
+weight written by one kernel, then ``F.linear``.
 
 [native]: used with ``quant.kernel=native`` where the library builds, and with ``auto`` where
 :mod:`qtrain.quant.autotune` measured it faster on this machine; ``torch`` never uses it.
@@ -55,6 +59,8 @@ from torch import Tensor
 
 from qtrain.quant import native
 from qtrain.quant import primitives as P
+from qtrain.quant.cuda.gemv import GEMV_MAX_ROWS as DECODE_MAX_ROWS
+from qtrain.quant.cuda.table import any_fits, measured, triton_gemm_cuda, triton_gemv_cuda
 from qtrain.quant.kernel_ops import INT4_ZERO, PackedWeights, activations, int8_gemv, tinygemm_tiles
 from qtrain.quant.spec import LayerSpec
 
@@ -319,17 +325,28 @@ def _tinygemm_fits(w: PackedWeights) -> str | None:
     return None
 
 
+# CUDA rows with several candidates, measured on a layer's first call (qtrain.quant.cuda.select)
+_INT8_DECODE = (("triton_gemv", triton_gemv_cuda, _triton_fits), ("compiled_gemv", int8_gemv_cuda, lambda w: None))
+_INT4_DECODE = (("triton_gemv", triton_gemv_cuda, _triton_int4_fits), ("tinygemm", tinygemm_cuda, _tinygemm_fits))
+_INT8_PREFILL = (("triton_gemm", triton_gemm_cuda, _triton_fits), ("triton_dequant", triton_dequant_cuda, _triton_fits))
+_INT4_PREFILL = (
+    ("triton_gemm", triton_gemm_cuda, _triton_int4_fits),
+    ("triton_dequant", triton_dequant_cuda, _triton_int4_fits),
+)
+
 TABLE: tuple[Kernel, ...] = (
     Kernel("native", "cpu", 8, (1, NATIVE_MAX_ROWS), None, _native_int8_fits, native_int8, _use_native),
     Kernel("torch", "cpu", 8, (1, CPU_KERNEL_MAX_ROWS), None, _int8_cpu_fits, aten_int8_cpu),
     Kernel("native", "cpu", 4, (1, NATIVE_MAX_ROWS), None, _native_int4_fits, native_int4, _use_native),
     Kernel("torch", "cpu", 4, (1, CPU_KERNEL_MAX_ROWS), None, _int4_group, aten_int4_cpu),
     Kernel("int_mm", "cuda", 8, (GEMV_MAX_ROWS + 1, ANY_ROWS), True, _int_mm_fits, int_mm_cuda),
+    Kernel("decode", "cuda", 8, (1, DECODE_MAX_ROWS), None, any_fits(_INT8_DECODE), measured("decode", _INT8_DECODE)),
     Kernel("gemv", "cuda", 8, (1, GEMV_MAX_ROWS), None, lambda w: None, int8_gemv_cuda),
-    Kernel("triton_dequant", "cuda", 8, (1, ANY_ROWS), None, _triton_fits, triton_dequant_cuda),
+    Kernel("prefill", "cuda", 8, (1, ANY_ROWS), None, _triton_fits, measured("prefill", _INT8_PREFILL, True)),
     Kernel("dequant_bf16", "cuda", 8, (1, ANY_ROWS), None, lambda w: None, dequant_bf16),
+    Kernel("decode", "cuda", 4, (1, DECODE_MAX_ROWS), None, any_fits(_INT4_DECODE), measured("decode", _INT4_DECODE)),
     Kernel("tinygemm", "cuda", 4, (1, CUDA_TINYGEMM_MAX_ROWS), None, _tinygemm_fits, tinygemm_cuda),
-    Kernel("triton_dequant", "cuda", 4, (1, ANY_ROWS), None, _triton_int4_fits, triton_dequant_cuda),
+    Kernel("prefill", "cuda", 4, (1, ANY_ROWS), None, _triton_int4_fits, measured("prefill", _INT4_PREFILL, True)),
     Kernel("dequant_bf16", "cuda", 4, (1, ANY_ROWS), None, _int4_group, dequant_bf16),
 )
 """Every fast kernel, in order of preference (see the module docstring)."""

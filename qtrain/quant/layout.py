@@ -3,6 +3,11 @@
 :func:`layer_specs` is what the checkpoint manifest stores per layer;
 :func:`build_packed_skeleton` turns a freshly built full-precision model back into the
 packed model those specs describe, ready for ``load_state_dict``.
+
+Biases are not part of the per-layer specs: a quantized linear has one exactly when the
+full-precision module it replaces has one (decided by the model config, e.g. ``attn_bias``
+for Qwen2's ``qkv``), and the skeleton copies that. The bias is stored, full precision, as
+``<layer>.bias`` in the state dict.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from qtrain.quant.kernels import check_kernel
 from qtrain.quant.packed import PackedLinear, QuantEmbedding
 from qtrain.quant.schemes import packed_class
 from qtrain.quant.spec import LayerSpec
-from qtrain.quant.targets import embedding_modules, layer_shape, set_module
+from qtrain.quant.targets import embedding_modules, layer_shape, linear_bias, set_module
 
 
 # -- metadata, skeletons, kernels -------------------------------------------------------------
@@ -99,7 +104,9 @@ def _skeleton_module(
         k, n = _shape(mod, meta, name)
         return QuantEmbedding(packed_class(spec).empty(k, n, spec, kernel, name, device=device), None, name)
     k, n = _shape(mod, meta, name)
-    return packed_class(spec).empty(k, n, spec, kernel, name, device=device)
+    packed = packed_class(spec).empty(k, n, spec, kernel, name, device=device)
+    packed.set_bias(linear_bias(mod))  # the model's own (e.g. Qwen2's qkv): same shape, dtype and device
+    return packed
 
 
 def _shape(mod: nn.Module, meta: Mapping[str, Any], name: str) -> tuple[int, int]:

@@ -14,6 +14,10 @@ Int4Linear     ``weight_packed`` uint8 ``[N, K/2]`` codes 0..15, low nibble = ev
 
 Weight = ``(code - zero) * scale`` (see :mod:`qtrain.quant.primitives`).
 
+A layer built from an ``nn.Linear`` with a bias (Qwen2's ``qkv``) also holds ``bias``, a float
+``[N]`` buffer kept at full precision (``<layer>.bias`` in the state dict, absent without a
+bias); every path adds it after the quantized matmul.
+
 Kernels: ``quant.kernel=auto`` runs, per call, the first kernel of the one table in
 :mod:`qtrain.quant.kernels` that fits the device, row count and layer (``native`` prefers
 qtrain's own CPU decode kernels, ``torch`` skips them); otherwise, and with ``reference``, the
@@ -62,6 +66,8 @@ class PackedLinear(nn.Module):
         spec: the layer's spec (its bits must match the class).
         kernel: ``"auto"`` or ``"reference"``.
         name: module name, for errors and debug notes.
+        device: where to allocate (``"meta"`` works).
+        bias: hold a float32 ``[N]`` bias (zeros until set or loaded).
 
     Raises:
         ValueError: invalid spec for the layer, wrong bits for the class, unknown kernel.
@@ -70,6 +76,7 @@ class PackedLinear(nn.Module):
     bits: ClassVar[int] = 0
     scales: Tensor
     zeros: Tensor | None
+    bias: Tensor | None
 
     def __init__(
         self,
@@ -79,6 +86,7 @@ class PackedLinear(nn.Module):
         kernel: str = "auto",
         name: str = "",
         device: torch.device | str | None = None,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         cls_name = type(self).__name__
@@ -92,6 +100,7 @@ class PackedLinear(nn.Module):
         self._fast_key: tuple[object, ...] = ()
         self._fast_fn: kernels.Plan | None = None
         self._init_buffers(device)
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     # -- subclass interface -------------------------------------------------------------------
     def _init_buffers(self, device: torch.device | str | None) -> None:
@@ -128,11 +137,27 @@ class PackedLinear(nn.Module):
         """Codes, scales and zeros as a :class:`~qtrain.quant.primitives.QuantizedWeight`."""
         return P.QuantizedWeight(self.codes(), self.scales, self.zeros)
 
+    def set_bias(self, bias: Tensor | None) -> None:
+        """Hold a copy of ``bias`` (``[N]``, float dtype kept), or none.
+
+        Raises:
+            ValueError: wrong shape or not a floating-point tensor (names the layer).
+        """
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,) or not bias.is_floating_point():
+                raise ValueError(
+                    f"{self.layer_name}: bias must be a float tensor of shape ({self.out_features},), "
+                    f"got {bias.dtype} {tuple(bias.shape)}"
+                )
+            bias = bias.detach().clone()
+        self.register_buffer("bias", bias)
+
     def reference_forward(self, x: Tensor) -> Tensor:
-        """Unpack, dequantize, ``F.linear`` in float32; output in x's dtype."""
+        """Unpack, dequantize, ``F.linear`` (bias included) in float32; output in x's dtype."""
         if self._act_int8:
             x = P.fake_quantize_per_token(x)
-        return F.linear(x.float(), self.dequantize()).to(x.dtype)
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.dequantize(), bias).to(x.dtype)
 
     def _fast(self, device: torch.device) -> kernels.Plan | None:
         """The kernel plan for ``device`` (:func:`qtrain.quant.kernels.plan`), built once per
@@ -148,20 +173,22 @@ class PackedLinear(nn.Module):
         log.debug("%s: fast int%d kernel unavailable (%s); using the reference path", self.layer_name, self.bits, why)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(..., K) -> (..., N)`` through the selected kernel."""
+        """``(..., K) -> (..., N)`` through the selected kernel, then the bias (if any)."""
         if self.kernel != "reference":
             fast = self._fast(x.device)
             if fast is not None:  # the fast path quantizes activations itself (int8 dynamic)
                 y = fast(x if x.dim() == 2 else x.reshape(-1, self.in_features))
                 if y is not None:
-                    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+                    y = y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+                    return y if self.bias is None else y + self.bias.to(y.dtype)
         return self.reference_forward(x)
 
     def extra_repr(self) -> str:
         s = self.spec
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
-            f"group_size={s.group_size}, symmetric={s.symmetric}, activations={s.activations}, kernel={self.kernel}"
+            f"group_size={s.group_size}, symmetric={s.symmetric}, activations={s.activations}, kernel={self.kernel}, "
+            f"bias={self.bias is not None}"
         )
 
     # -- construction -------------------------------------------------------------------------
@@ -174,6 +201,7 @@ class PackedLinear(nn.Module):
         kernel: str = "auto",
         name: str = "",
         device: torch.device | str | None = None,
+        bias: bool = False,
     ) -> PackedLinear:
         """Zero-filled module of the right buffer shapes, to load a checkpoint into.
 
@@ -184,15 +212,23 @@ class PackedLinear(nn.Module):
             kernel: ``"auto"`` or ``"reference"``.
             name: module name.
             device: where to allocate (``"meta"`` works).
+            bias: hold a float32 ``[N]`` bias.
 
         Returns:
             The module.
         """
-        return cls(in_features, out_features, spec, kernel, name, device=device)
+        return cls(in_features, out_features, spec, kernel, name, device=device, bias=bias)
 
     @classmethod
     def from_codes(
-        cls, codes: Tensor, scales: Tensor, zeros: Tensor | None, spec: LayerSpec, kernel: str = "auto", name: str = ""
+        cls,
+        codes: Tensor,
+        scales: Tensor,
+        zeros: Tensor | None,
+        spec: LayerSpec,
+        kernel: str = "auto",
+        name: str = "",
+        bias: Tensor | None = None,
     ) -> PackedLinear:
         """Module holding the given unpacked codes and parameters.
 
@@ -203,22 +239,26 @@ class PackedLinear(nn.Module):
             spec: layer spec.
             kernel: ``"auto"`` or ``"reference"``.
             name: module name.
+            bias: optional float ``[N]`` bias (copied, kept at full precision).
 
         Returns:
             The module.
 
         Raises:
-            ValueError: shapes do not match the spec.
+            ValueError: shapes do not match the spec, or a bias of the wrong shape.
         """
         n, k = codes.shape
         mod = cls.empty(k, n, spec, kernel, name, device=codes.device)
         if tuple(scales.shape) != tuple(mod.scales.shape):
             raise ValueError(f"{name}: scales shape {tuple(scales.shape)} != expected {tuple(mod.scales.shape)}")
         mod._store(codes, scales, zeros)
+        mod.set_bias(bias)
         return mod
 
     @classmethod
-    def from_float(cls, weight: Tensor, spec: LayerSpec, kernel: str = "auto", name: str = "") -> PackedLinear:
+    def from_float(
+        cls, weight: Tensor, spec: LayerSpec, kernel: str = "auto", name: str = "", bias: Tensor | None = None
+    ) -> PackedLinear:
         """Quantize a float ``[N, K]`` weight (round to nearest) into a packed module.
 
         Args:
@@ -226,6 +266,7 @@ class PackedLinear(nn.Module):
             spec: layer spec.
             kernel: ``"auto"`` or ``"reference"``.
             name: module name.
+            bias: optional float ``[N]`` bias (kept at full precision).
 
         Returns:
             The module.
@@ -235,7 +276,7 @@ class PackedLinear(nn.Module):
         """
         spec.check(name or cls.__name__, weight.shape[1])
         qw = P.quantize_weight(weight, spec.bits, spec.group_size, spec.symmetric)
-        return cls.from_codes(qw.codes, qw.scales, qw.zeros, spec, kernel, name)
+        return cls.from_codes(qw.codes, qw.scales, qw.zeros, spec, kernel, name, bias)
 
     def _store(self, codes: Tensor, scales: Tensor, zeros: Tensor | None) -> None:
         raise NotImplementedError

@@ -204,8 +204,8 @@ class QuantRecipe:
         """What keeps this recipe from quantizing ``model`` (empty: it fits; always empty when full precision).
 
         Checks the scheme's rules (int8 symmetric per channel, the activation mode, the kernel)
-        and every target layer (group size divides its input size, no bias, tied embedding and
-        head kept together); each problem names the key or layer and the value.
+        and every target layer (group size divides its input size, tied embedding and head kept
+        together; a bias is fine: it stays full precision); each problem names the key or layer and the value.
         """
         if self.full_precision:
             return []
@@ -261,6 +261,8 @@ class QuantRecipe:
     def bits_report(model: nn.Module) -> dict[str, float]:
         """Stored bits per quantized weight (codes, scales and zero points included) of a packed model.
 
+        A full-precision bias is not counted (like the norms, it is not a quantized weight).
+
         Returns:
             ``{"bits_per_weight": float, "quantized_weights": count}`` (0.0 / 0 when nothing is packed).
         """
@@ -268,7 +270,7 @@ class QuantRecipe:
         for _, m in model.named_modules():
             if isinstance(m, PackedLinear):
                 weights += m.in_features * m.out_features
-                stored += sum(t.numel() * t.element_size() for t in m.state_dict().values())
+                stored += sum(t.numel() * t.element_size() for k, t in m.state_dict().items() if k != "bias")
         return {"bits_per_weight": 8 * stored / weights if weights else 0.0, "quantized_weights": weights}
 
     # -- model transforms (in place; each also returns the model) ------------------------------

@@ -5,7 +5,7 @@ Used by :mod:`qtrain.quant.transforms` (prepare / convert), :mod:`qtrain.quant.l
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from qtrain.config import QuantConfig
 from qtrain.quant.fake import FakeQuantEmbedding, FakeQuantLinear
@@ -100,6 +100,12 @@ def layer_shape(mod: nn.Module) -> tuple[int, int]:
     raise ValueError(f"{type(mod).__name__} is not a linear or embedding layer")
 
 
+def linear_bias(mod: nn.Module) -> Tensor | None:
+    """The bias of a linear-like module (detached; full precision), None when it has none (embeddings too)."""
+    bias = getattr(mod, "bias", None)
+    return bias.detach() if isinstance(bias, Tensor) else None
+
+
 def target_spec(name: str, spec: LayerSpec, tied: bool) -> LayerSpec:
     """Spec for one target: the embedding is per row unless it shares the head's codes."""
     return spec if name != EMBEDDING or tied else embedding_spec(spec)
@@ -128,8 +134,6 @@ def check_layers(model: nn.Module, qcfg: QuantConfig) -> list[str]:
     for name in names:
         mod = model.get_submodule(name)
         target_spec(name, spec, tied).check(name, layer_shape(mod)[0])
-        if isinstance(mod, (nn.Linear,)) and mod.bias is not None:
-            raise ValueError(f"{name}: quantized linears must have no bias")
     return names
 
 

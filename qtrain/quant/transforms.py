@@ -41,7 +41,7 @@ from qtrain.quant.fake import FakeQuantEmbedding, FakeQuantLinear
 from qtrain.quant.packed import PackedLinear, QuantEmbedding
 from qtrain.quant.schemes import EMBEDDING, HEAD, embedding_spec, packed_class, spec_from_config
 from qtrain.quant.spec import LayerSpec, QuantizedWeight
-from qtrain.quant.targets import check_layers, embedding_modules, is_tied, set_module, target_spec
+from qtrain.quant.targets import check_layers, embedding_modules, is_tied, linear_bias, set_module, target_spec
 
 
 # -- prepare / convert ------------------------------------------------------------------------
@@ -104,6 +104,8 @@ def _fake_module(
 def pack_layer(mod: nn.Module, spec: LayerSpec, name: str, kernel: str = "auto") -> PackedLinear:
     """Packed module for one linear-like module (round to nearest, or a fake module's codes).
 
+    A bias is carried over unchanged (full precision).
+
     Args:
         mod: ``nn.Linear``, ``FakeQuantLinear`` (its current codes, learned scales included)
             or an ``nn.Embedding`` (quantized as a ``[V, d]`` table).
@@ -124,10 +126,10 @@ def pack_layer(mod: nn.Module, spec: LayerSpec, name: str, kernel: str = "auto")
                 f"{name}: fake-quant spec {mod.spec.to_dict()} differs from the requested {spec.to_dict()}"
             )
         qw = mod.quantized()
-        return cls.from_codes(qw.codes, qw.scales, qw.zeros, spec, kernel, name)
+        return cls.from_codes(qw.codes, qw.scales, qw.zeros, spec, kernel, name, mod.bias)
     weight = mod.weight
     assert isinstance(weight, Tensor)
-    return cls.from_float(weight.detach(), spec, kernel, name)
+    return cls.from_float(weight.detach(), spec, kernel, name, linear_bias(mod))
 
 
 def convert(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
@@ -234,8 +236,9 @@ def to_fake(model: nn.Module, learn_scales: bool = False) -> nn.Module:
 
 # -- PTQ module swaps -----------------------------------------------------------------------
 def swap_packed(model: nn.Module, name: str, qw: QuantizedWeight, spec: LayerSpec, kernel: str) -> None:
-    """Replace layer ``name`` by the packed module holding ``qw`` (PTQ)."""
-    mod = packed_class(spec).from_codes(qw.codes, qw.scales, qw.zeros, spec, kernel, name)
+    """Replace layer ``name`` by the packed module holding ``qw`` (PTQ); its bias is kept as it is."""
+    bias = linear_bias(model.get_submodule(name))
+    mod = packed_class(spec).from_codes(qw.codes, qw.scales, qw.zeros, spec, kernel, name, bias)
     set_module(model, name, mod)
 
 

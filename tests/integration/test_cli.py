@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from qtrain.cli import main
-from tests.conftest import SHRINK, run_qtrain
+from tests.conftest import SHRINK, qtrain_in_process
 
 pytestmark = pytest.mark.integration
 
@@ -23,9 +23,9 @@ REPORT_KEYS = {"mode", "quant", "model", "n_params", "step", "val_loss", "val_pp
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("run") / "r"
-    res = run_qtrain(["mode=train", *SHRINK, "train.max_steps=12", "train.eval_every=6", "train.save_every=4",
-                      "train.log_every=2", f"hydra.run.dir={run}"])
-    assert res.returncode == 0, res.stderr
+    code = qtrain_in_process(["mode=train", *SHRINK, "train.max_steps=12", "train.eval_every=6",
+                              "train.save_every=4", "train.log_every=2", f"hydra.run.dir={run}"])
+    assert code == 0  # the messages: pytest's "Captured stderr setup"
     return run
 
 
@@ -42,18 +42,18 @@ def test_train_run_leaves_the_documented_outputs(trained: Path) -> None:
     assert (trained / "checkpoints" / "latest").read_text().strip() == "step_0000012"
 
 
-def test_eval_and_generate_from_a_run_dir(trained: Path, tmp_path: Path) -> None:
-    res = run_qtrain(["mode=eval", f"init_from={trained}", "data.val_windows=4", "eval.decode_tokens=8",
-                      f"compare_to={trained}", f"hydra.run.dir={tmp_path / 'e'}"])
-    assert res.returncode == 0, res.stderr
+def test_eval_and_generate_from_a_run_dir(trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    res = qtrain_in_process(["mode=eval", f"init_from={trained}", "data.val_windows=4", "eval.decode_tokens=8",
+                             f"compare_to={trained}", f"hydra.run.dir={tmp_path / 'e'}"])
+    assert res == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "e" / "report.json").read_text())
     train_rep = json.loads((trained / "report.json").read_text())
     assert rep["val_loss"] == pytest.approx(train_rep["val_loss"], rel=1e-6)
     assert rep["decode_tokens_per_s"] > 0 and rep["prefill_tokens_per_s"] > 0
     assert rep["top1_agreement"] == 1.0 and rep["logit_kl"] == pytest.approx(0.0, abs=1e-6)
-    res = run_qtrain(["mode=generate", f"init_from={trained}", "generate.max_new_tokens=20", "generate.prompt=ab",
-                      f"hydra.run.dir={tmp_path / 'g'}"])
-    assert res.returncode == 0, res.stderr
+    res = qtrain_in_process(["mode=generate", f"init_from={trained}", "generate.max_new_tokens=20",
+                             "generate.prompt=ab", f"hydra.run.dir={tmp_path / 'g'}"])
+    assert res == 0, capsys.readouterr().err
     rep = json.loads((tmp_path / "g" / "report.json").read_text())
     assert rep["text"].startswith("ab") and len(rep["text"].encode("utf-8", "replace")) >= 20
 
@@ -80,17 +80,19 @@ def test_bad_config_exits_2_without_traceback_or_run_dir(
     assert not (tmp_path / "outputs").exists()
 
 
-def test_cfg_job_prints_config_and_does_no_work(tmp_path: Path) -> None:
-    res = run_qtrain(["--cfg", "job", "model=small"], cwd=tmp_path)
-    assert res.returncode == 0 and "n_embd: 384" in res.stdout
+def test_cfg_job_prints_config_and_does_no_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    res = qtrain_in_process(["--cfg", "job", "model=small"])
+    assert res == 0 and "n_embd: 384" in capsys.readouterr().out
     assert not (tmp_path / "outputs").exists()
 
 
-def test_help_lists_groups_and_examples(tmp_path: Path) -> None:
-    res = run_qtrain(["--help"], cwd=tmp_path)
-    assert res.returncode == 0
+def test_help_lists_groups_and_examples(help_run: subprocess.CompletedProcess[str]) -> None:
+    assert help_run.returncode == 0
     for word in ("mode:", "model:", "quant:", "data:", "Examples", "int8da_int4w"):
-        assert word in res.stdout
+        assert word in help_run.stdout
 
 
 def test_resume_must_without_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -143,8 +145,16 @@ def test_version_names_qtrain_torch_and_hydra_without_importing_torch(tmp_path: 
     assert not (tmp_path / "outputs").exists()
 
 
-def test_help_and_completion_offer_no_schema_names_and_skip_torch(tmp_path: Path) -> None:
-    helped = _flag_run(["--help"], tmp_path).stdout
+@pytest.fixture(scope="module")
+def help_run(tmp_path_factory: pytest.TempPathFactory) -> subprocess.CompletedProcess[str]:
+    """`qtrain --help`, run once (for two tests) in a child that fails if torch gets imported."""
+    return _flag_run(["--help"], tmp_path_factory.mktemp("help"))
+
+
+def test_help_and_completion_offer_no_schema_names_and_skip_torch(
+    tmp_path: Path, help_run: subprocess.CompletedProcess[str]
+) -> None:
+    helped = help_run.stdout
     assert "quant: int4, int8, int8da_int4w, none" in helped and "+experiment=NAME" in helped
     assert "_schema" not in helped
     for line, expected in (("qtrain quant=", "quant=int4"), ("qtrain mode=", "mode=train"), ("qtrain tra", "train.")):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import SHRINK, run_qtrain
+from tests.conftest import SHRINK, qtrain_in_process
 
 pytestmark = pytest.mark.integration
 STEPS = ["train.max_steps=8", "train.log_every=1", "train.save_every=4", "train.eval_every=0"]
@@ -30,10 +30,13 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_ddp_two_processes_match_one_and_resume_bit_identically(tmp_path: Path) -> None:
+def test_ddp_two_processes_match_one_and_resume_bit_identically(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
-    res = run_qtrain(["mode=qat", "quant=int4", *BASE, *STEPS, "train.batch_size=8", f"hydra.run.dir={one}"])
-    assert res.returncode == 0, res.stderr
+    # the one-process reference runs in this process (no start-up); the DDP runs are real torchrun launches
+    res = qtrain_in_process(["mode=qat", "quant=int4", *BASE, *STEPS, "train.batch_size=8", f"hydra.run.dir={one}"])
+    assert res == 0, capsys.readouterr().err
     res = _torchrun(["mode=qat", "quant=int4", *BASE, *STEPS, "train.batch_size=4", f"hydra.run.dir={two}"])
     assert res.returncode == 0, res.stderr[-3000:]
     # same global batch (2 x 4 = 8): same loss curve within float tolerance
@@ -53,7 +56,7 @@ def test_ddp_two_processes_match_one_and_resume_bit_identically(tmp_path: Path) 
     assert all((final[k] == again[k]).all() for k in final)
 
 
-def test_sweep_keeps_going_past_a_failed_job(tmp_path: Path) -> None:
+def test_sweep_keeps_going_past_a_failed_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # The second job's corpus is too short for the context: it fails when it loads its data, the
     # first succeeds. (A config mistake in any job refuses the whole sweep before it starts.)
     corpus = tmp_path / "data" / "corpus.txt"  # a path value must not nest the job dirs
@@ -62,9 +65,10 @@ def test_sweep_keeps_going_past_a_failed_job(tmp_path: Path) -> None:
     short = corpus.parent / "short.txt"
     short.write_text("hello world\n")
     sweep = tmp_path / "sweep"
-    res = run_qtrain(["-m", "mode=qat", "quant=int8", *SHRINK, "train.max_steps=2",
-                      "data=text", f"data.path={corpus},{short}", f"hydra.sweep.dir={sweep}"])
-    assert res.returncode == 2
+    code = qtrain_in_process(["-m", "mode=qat", "quant=int8", *SHRINK, "train.max_steps=2",
+                              "data=text", f"data.path={corpus},{short}", f"hydra.sweep.dir={sweep}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
     summary = json.loads((sweep / "sweep_status.json").read_text())
     assert all(Path(j["dir"]).parent == sweep for j in summary["jobs"])
     assert (summary["succeeded"], summary["failed"]) == (1, 1)
@@ -73,4 +77,4 @@ def test_sweep_keeps_going_past_a_failed_job(tmp_path: Path) -> None:
     ok_dir = Path(by_data[f"data.path={corpus}"]["dir"])
     assert json.loads((ok_dir / "status.json").read_text())["ok"]
     assert (ok_dir / "report.json").is_file()
-    assert "1 job(s) failed" in res.stderr
+    assert "1 job(s) failed" in err

@@ -11,7 +11,7 @@ import torch
 
 from qtrain.modes.context import RunContext
 from qtrain.modes.dispatch import run
-from tests.conftest import SHRINK, compose_cfg, run_qtrain
+from tests.conftest import SHRINK, compose_cfg, qtrain_in_process
 
 pytestmark = pytest.mark.integration
 PATTERNS = '"blocks.0.attn.*", ' + ", ".join(f'"blocks.{i}.never_matches_{i}"' for i in range(1, 14))
@@ -21,12 +21,14 @@ HOOKS = (
 )
 
 
-def test_sweep_with_a_hook_list_names_jobs_briefly_and_reports_them(tmp_path: Path) -> None:
+def test_sweep_with_a_hook_list_names_jobs_briefly_and_reports_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert len(HOOKS) > 255  # as a directory name the override alone would pass the filesystem's limit
     sweep = tmp_path / "sweep"
-    res = run_qtrain(["-m", "mode=qat", "quant=int8", "train.lr=0.001,0.002", *SHRINK, "train.max_steps=2",
-                      "eval.prefill_tokens=0", HOOKS, f"hydra.sweep.dir={sweep}"])
-    assert res.returncode == 0, res.stderr
+    res = qtrain_in_process(["-m", "mode=qat", "quant=int8", "train.lr=0.001,0.002", *SHRINK, "train.max_steps=2",
+                             "eval.prefill_tokens=0", HOOKS, f"hydra.sweep.dir={sweep}"])
+    assert res == 0, capsys.readouterr().err
     dirs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert len(dirs) == 2
     for i, name in enumerate(dirs):

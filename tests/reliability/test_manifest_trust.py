@@ -182,7 +182,7 @@ def test_case_29_v2_checkpoints_load_and_upgrade_writes_a_sealed_v3(tmp_path: Pa
     out = tmp_path / "v3"
     ck.upgrade_checkpoint(fixture, out)
     m = manifest(out)
-    assert m["format_version"] == 3 and m[ck.MANIFEST_HASH] == ck.manifest_digest(m)
+    assert m["format_version"] == ck.FORMAT_VERSION and m[ck.MANIFEST_HASH] == ck.manifest_digest(m)
     assert (out / ck.MANIFEST).read_bytes() == ck.json_file_bytes(m)
     _set("model.n_head", 4)(m)  # the upgraded copy is protected
     (out / ck.MANIFEST).write_bytes(ck.json_file_bytes(m))

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+from qtrain import config
 from qtrain.config_rules import validate
 from tests.conftest import compose_cfg
 
-MODES = ["train", "ptq", "qat", "finetune", "eval", "generate", "verify", "upgrade", "report"]
+MODES = list(config.MODES)  # every mode the schema knows (export included)
 MODELS = ["tiny", "small", "medium", "base", "1b"]
 QUANTS = ["none", "int8", "int4", "int8da_int4w"]
 DATA = ["pydocs", "text"]
@@ -35,6 +36,14 @@ def test_every_combination_composes_and_validates() -> None:
             assert problems == [], (mode, model, quant, data, problems)
     assert pieces["quant"]["int8da_int4w"].activations == "int8"
     assert pieces["model"]["small"].n_embd == 384
+
+
+def test_modes_list_every_shipped_mode_file() -> None:
+    import importlib.resources
+
+    shipped = {p.name[: -len(".yaml")] for p in importlib.resources.files("qtrain.conf").joinpath("mode").iterdir()
+               if p.name.endswith(".yaml")}  # fmt: skip
+    assert set(MODES) == shipped and "export" in MODES
 
 
 def test_defaults_are_the_documented_main_job() -> None:

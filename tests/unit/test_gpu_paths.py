@@ -147,7 +147,22 @@ def test_plans_match_the_reference(spec: LayerSpec) -> None:
     # float32 both; the plans dequantize in float32 like the reference (products reordered only)
     assert torch.allclose(apply_linear(plan, x, tensors), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="cannot plan"):
-        plan_linear(nn.Linear(4, 4), torch.device("cpu"))
+        plan_linear(nn.Embedding(4, 4), torch.device("cpu"))
+    with pytest.raises(ValueError, match="int4='fast'"):
+        plan_linear(layer, torch.device("cpu"), int4="fast")
+
+
+def test_plans_add_the_bias_after_the_product() -> None:
+    gen = torch.Generator().manual_seed(4)
+    lin = nn.Linear(64, 24)
+    packed = Int4Linear.from_float(lin.weight.detach(), LayerSpec("int4", 4, 32), kernel="reference")
+    packed.set_bias(lin.bias.detach())  # Qwen2's qkv: a float bias next to the packed weight
+    x = torch.randn(3, 64, generator=gen)
+    for mod in (lin, packed):
+        plan, tensors = plan_linear(mod, torch.device("cpu"))
+        assert plan.bias and tensors[-1] is mod.bias
+        # float32 both: the plan adds the same bias after a product reordered only
+        torch.testing.assert_close(apply_linear(plan, x, tensors), mod(x), rtol=1e-5, atol=1e-5)
 
 
 def test_fake_quant_block_compiles_into_one_graph_for_every_step() -> None:
@@ -212,3 +227,81 @@ def test_gpu_check_keeps_eager_numbers_when_the_static_step_fails(monkeypatch: p
     row = gc.decode_one(base, "int8", 3, False, 10.0)
     assert row["static_error"] == "RuntimeError: inductor failed" and row["eager_tokens_per_s"] > 0
     gc.show({"device_name": "cpu", "torch": "x", "decode": {"copy_bandwidth_gbs": 10.0, "rows": [row]}})
+
+
+def _candidates(calls: list[str], built: list[str]) -> dict:
+    """Three candidate kernels computing ``2 x``: one that fails, two that work (by name)."""
+
+    def make(name: str):  # noqa: ANN202
+        def build():  # noqa: ANN202
+            built.append(name)
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                if name == "broken":
+                    raise RuntimeError("no such kernel here")
+                calls.append(name)
+                return x * 2
+
+            return run
+
+        return build
+
+    return {name: make(name) for name in ("broken", "slow", "fast")}
+
+
+def test_measured_kernel_keeps_the_fastest_candidate_and_remembers_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qtrain.quant.cuda import select
+
+    monkeypatch.setattr(select, "CHOICES", {})
+    monkeypatch.setattr(select, "TIMINGS", {})
+    calls: list[str] = []
+    cost = {"slow": 50.0, "fast": 5.0}  # a stand-in clock: no timing in a test
+
+    def fake_time(fn, device, reps=10):  # noqa: ANN001, ANN202
+        fn()
+        return cost[calls[-1]]
+
+    monkeypatch.setattr(select, "time_call", fake_time)
+    built: list[str] = []
+    m = select.Measured(("layer", 24, 64), _candidates(calls, built))
+    x = torch.ones(2, 3)
+    assert torch.equal(m(x), x * 2) and m.chosen == "fast"
+    assert select.CHOICES[("layer", 24, 64)] == "fast" and select.TIMINGS[("layer", 24, 64)] == cost
+    calls.clear()
+    m(x)
+    assert calls == ["fast"]  # measured once; the losers are dropped
+    built.clear()
+    m2 = select.Measured(("layer", 24, 64), _candidates(calls, built))
+    assert torch.equal(m2(x), x * 2) and built == ["fast"]  # the same shape builds only the winner
+
+
+def test_measured_kernel_does_not_time_while_tracing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qtrain.quant.cuda import select
+
+    monkeypatch.setattr(select, "CHOICES", {})
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    calls: list[str] = []
+    m = select.Measured(("k",), _candidates(calls, []))
+    assert torch.equal(m(torch.ones(1, 2)), torch.full((1, 2), 2.0))
+    assert m.chosen == "slow" and calls == ["slow"] and select.CHOICES == {}  # the first that runs, not remembered
+
+
+def test_per_bucket_measures_each_row_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qtrain.quant.cuda import select
+
+    monkeypatch.setattr(select, "CHOICES", {})
+    calls: list[str] = []
+    rows: list[int] = []
+
+    def fake_time(fn, device, reps=10):  # noqa: ANN001, ANN202
+        fn()
+        small = rows[-1] <= 64  # "fast" wins small calls, "slow" large ones
+        return {"slow": 50.0, "fast": 5.0}[calls[-1]] * (1 if small else -1)
+
+    monkeypatch.setattr(select, "time_call", fake_time)
+    pb = select.PerBucket(("k",), _candidates(calls, []))
+    for m in (3, 500, 4):
+        rows.append(m)
+        pb(torch.ones(m, 2))
+    assert sorted(pb.by_bucket) == [4, 512] and pb.chosen == "fast+slow"
+    assert select.CHOICES == {("k", 4): "fast", ("k", 512): "slow"}

@@ -21,6 +21,17 @@ INT4_ZERO = implicit_zero(4)
 """The int4 codes' implicit zero point (unsigned codes, symmetric weights), from the bit-width table."""
 
 _SRC: list[ModuleType] = []
+_HAS_TRITON: list[bool] = []
+
+
+def _triton_installed() -> bool:
+    """Whether Triton can be imported (looked up once: this runs on every kernel call)."""
+    if not _HAS_TRITON:
+        try:
+            _HAS_TRITON.append(importlib.util.find_spec("triton") is not None)
+        except ValueError:  # a stand-in module without a spec
+            _HAS_TRITON.append(False)
+    return _HAS_TRITON[0]
 
 
 def why_unavailable(device: torch.device) -> str | None:
@@ -32,11 +43,7 @@ def why_unavailable(device: torch.device) -> str | None:
     Returns:
         A one-line reason, or None.
     """
-    try:
-        missing = importlib.util.find_spec("triton") is None
-    except ValueError:  # a stand-in module without a spec
-        missing = True
-    if missing:
+    if not _triton_installed():
         return "Triton is not installed"
     if device.type == "cuda":
         return None
@@ -51,18 +58,43 @@ def available(device: torch.device) -> bool:
 
 
 def _src() -> ModuleType:
+    """Every Triton kernel by name (``_triton_src`` and ``_triton_gemv``), imported once."""
     if not _SRC:
-        from qtrain.quant.cuda import _triton_src  # imports triton; jit reads TRITON_INTERPRET now
+        from qtrain.quant.cuda import _triton_gemv, _triton_src  # imports triton; jit reads TRITON_INTERPRET now
 
-        _SRC.append(_triton_src)
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            _patch_interpreter()
+        kernels = ModuleType("qtrain_triton_kernels")
+        for mod in (_triton_src, _triton_gemv):
+            kernels.__dict__.update({k: v for k, v in vars(mod).items() if k.endswith("_kernel")})
+        _SRC.append(kernels)
     return _SRC[0]
 
 
-AUTOTUNE_CONFIGS = (  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages), Hopper-class candidates
-    (128, 128, 64, 8, 3),
-    (64, 128, 128, 4, 4),
-    (128, 64, 128, 4, 4),
-    (64, 64, 128, 4, 4),
+def _patch_interpreter() -> None:
+    """Triton's interpreter (3.6) turns a scalar kernel argument into a 1-element numpy array,
+    which numpy >= 2.4 refuses to use as an index (``range(0, K, BLOCK)`` in a kernel): give its
+    tensors an ``__index__`` that reads the one element. CPU tests only; no effect on CUDA."""
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_qtrain", False):
+        return
+
+    def patched(tensor: Any, scope: Any) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._qtrain = True  # type: ignore[attr-defined]
+    interpreter._patch_lang_tensor = patched
+
+
+AUTOTUNE_CONFIGS = (  # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), Hopper-class candidates
+    (128, 128, 64, 8, 8, 3),
+    (128, 256, 64, 8, 8, 3),
+    (64, 128, 128, 8, 4, 4),
+    (128, 64, 128, 8, 4, 4),
+    (64, 64, 128, 8, 4, 4),
 )
 """Tile configs tried on CUDA per (row bucket, N, K) (``QTRAIN_TRITON_AUTOTUNE=0``: :func:`tile_config` only)."""
 
@@ -103,43 +135,66 @@ def m_bucket(m: int) -> int:
     return min(1 << max(m - 1, 0).bit_length(), 4096)
 
 
-def _tuned(name: str) -> Any:
-    """The autotuned (CUDA) version of kernel ``name``, built once."""
-    key = f"tuned_{name}"
+def _bench(graph: bool) -> Any:
+    """The autotuner's timer: CUDA-graph replays for microsecond kernels (a plain timer would
+    measure the launch overhead, the same for every config), short event timing otherwise."""
+    import triton.testing
+
+    if graph:
+        return lambda call, quantiles: triton.testing.do_bench_cudagraph(call, rep=10, quantiles=quantiles)
+    return lambda call, quantiles: triton.testing.do_bench(call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _tuned(
+    name: str, configs: tuple[tuple[int, ...], ...], names: tuple[str, ...], key: list[str], graph: bool = False
+) -> Any:
+    """The autotuned (CUDA) version of kernel ``name`` over ``configs`` (values of ``names``,
+    then ``num_warps, num_stages``), keyed on ``key``; built once. ``graph``: time the configs
+    as CUDA-graph replays (decode GEMVs)."""
+    attr = f"tuned_{name}"
     src = _src()
-    if not hasattr(src, key):
+    if not hasattr(src, attr):
         import triton
 
-        configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in AUTOTUNE_CONFIGS
+        tconfigs = [
+            triton.Config(dict(zip(names, c[: len(names)], strict=True)), num_warps=c[-2], num_stages=c[-1])
+            for c in configs
         ]
-        setattr(src, key, triton.autotune(configs=configs, key=["m_bucket", "N", "K"])(getattr(src, name)))
-    return getattr(src, key)
+        tuned = triton.autotune(configs=tconfigs, key=key, do_bench=_bench(graph))(getattr(src, name))
+        setattr(src, attr, tuned)
+    return getattr(src, attr)
+
+
+def autotune_on(device: torch.device) -> bool:
+    """Whether launches on ``device`` autotune (CUDA, unless ``QTRAIN_TRITON_AUTOTUNE=0``)."""
+    return device.type == "cuda" and os.environ.get("QTRAIN_TRITON_AUTOTUNE", "1") != "0"
+
+
+def launch(kernel: Any, grid: Any, device: torch.device, args: tuple[Any, ...], meta: dict[str, Any]) -> None:
+    """``kernel[grid](*args, **meta)`` on ``device`` (switching the current CUDA device only when needed)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            kernel[grid](*args, **meta)
+    else:
+        kernel[grid](*args, **meta)
 
 
 def _run(name: str, m: int, n: int, args: tuple[Any, ...], meta: dict[str, Any]) -> None:
-    """Launch kernel ``name``: autotuned on CUDA, :func:`tile_config` elsewhere (or when disabled)."""
+    """Launch GEMM kernel ``name``: autotuned on CUDA, :func:`tile_config` elsewhere (or when disabled)."""
     dev = args[0].device
     args = (*args, m_bucket(m))
-    if dev.type == "cuda" and os.environ.get("QTRAIN_TRITON_AUTOTUNE", "1") != "0":
-        kernel = _tuned(name)
+    if autotune_on(dev):
+        kernel = _tuned(name, AUTOTUNE_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"), ["m_bucket", "N", "K"])
 
         def grid(meta_: dict[str, Any]) -> tuple[int]:
             return (triton_cdiv(m, meta_["BLOCK_M"]) * triton_cdiv(n, meta_["BLOCK_N"]),)
 
-        with torch.cuda.device(dev):
-            kernel[grid](*args, **meta, DOT_F32=False)
+        launch(kernel, grid, dev, args, {**meta, "DOT_F32": False})
         return
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
     cfg = tile_config(m, n, sms)
     fixed_grid = (triton_cdiv(m, cfg["BLOCK_M"]) * triton_cdiv(n, cfg["BLOCK_N"]),)
-    kernel = getattr(_src(), name)
-    if dev.type == "cuda":
-        with torch.cuda.device(dev):
-            kernel[fixed_grid](*args, **meta, **cfg)
-    else:
-        kernel[fixed_grid](*args, **meta, **cfg)
+    launch(getattr(_src(), name), fixed_grid, dev, args, {**meta, **cfg})
 
 
 def _prepare_x(x: Tensor, k: int, name: str) -> Tensor:
@@ -168,8 +223,25 @@ def _int4_shape(
     return n, k, group
 
 
-def int4_gemm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int) -> Tensor:
-    """``x @ W^T`` for an int4 weight, dequantized tile by tile inside the GEMM.
+def group_bytes(group: int, k: int) -> int:
+    """Packed bytes per scale group (the kernels' ``GROUP_B``): ``group / 2``; per channel
+    (``group == K``) a power of two above any tile, so every tile lies inside the one group."""
+    return 1 << 30 if group == k else group // 2
+
+
+def _bias(bias: Tensor | None, n: int, name: str, like: Tensor) -> Tensor:
+    """The ``[N]`` bias (contiguous), or ``like`` as a never-read placeholder when there is none."""
+    if bias is None:
+        return like
+    if bias.numel() != n:
+        raise ValueError(f"{name}: bias of {bias.numel()} values for N={n} output features")
+    return bias.reshape(-1).contiguous()
+
+
+def int4_gemm(
+    x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int, bias: Tensor | None = None
+) -> Tensor:
+    """``x @ W^T (+ bias)`` for an int4 weight, dequantized tile by tile inside the GEMM (prefill).
 
     Args:
         x: ``[..., K]`` activations (cast to bf16).
@@ -177,6 +249,7 @@ def int4_gemm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, g
         scales: ``[N, G]`` scales (bf16 values), ``G = K / group_size``.
         zeros: ``uint8 [N, G]`` zero points, or None for the implicit 8 (symmetric).
         group_size: columns per group, or -1 for one group per row.
+        bias: optional ``[N]`` bias, added in float32 after the product.
 
     Returns:
         bf16 ``[..., N]``.
@@ -195,23 +268,26 @@ def int4_gemm(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor | None, g
         return y.reshape(*x.shape[:-1], n)
     p, s = packed.contiguous(), scales.contiguous()
     z = s if zeros is None else zeros.contiguous()
-    _run(
-        "int4_gemm_kernel",
-        m,
-        n,
-        (x2, p, s, z, y, m, n, k, x2.stride(0), p.stride(0), s.stride(0), y.stride(0)),
-        {"GROUP": group, "HAS_ZERO": zeros is not None, "ZERO": INT4_ZERO},
-    )
+    b = _bias(bias, n, name, s)
+    args = (x2, p, s, z, b, y, m, n, k, s.shape[1], x2.stride(0), p.stride(0), s.stride(0), y.stride(0))
+    meta = {
+        "GROUP_B": group_bytes(group, k),
+        "HAS_ZERO": zeros is not None,
+        "ZERO": INT4_ZERO,
+        "HAS_BIAS": bias is not None,
+    }
+    _run("int4_gemm_kernel", m, n, args, meta)
     return y.reshape(*x.shape[:-1], n)
 
 
-def int8_gemm(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
-    """``(x @ codes^T) * scale`` for an int8 weight-only layer, dequantized inside the GEMM.
+def int8_gemm(x: Tensor, w: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``(x @ codes^T) * scale (+ bias)`` for an int8 weight-only layer, dequantized inside the GEMM.
 
     Args:
         x: ``[..., K]`` activations (cast to bf16).
         w: ``int8 [N, K]`` codes.
         scales: ``[N, 1]`` (or ``[N]``) per-channel scales.
+        bias: optional ``[N]`` bias, added in float32 after the product.
 
     Returns:
         bf16 ``[..., N]``.
@@ -231,7 +307,9 @@ def int8_gemm(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     wc, s = w.contiguous(), scales.reshape(-1).contiguous()
-    _run("int8_gemm_kernel", m, n, (x2, wc, s, y, m, n, k, x2.stride(0), wc.stride(0), y.stride(0)), {})
+    b = _bias(bias, n, name, s)
+    args = (x2, wc, s, b, y, m, n, k, x2.stride(0), wc.stride(0), y.stride(0))
+    _run("int8_gemm_kernel", m, n, args, {"HAS_BIAS": bias is not None})
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -240,12 +318,7 @@ DEQUANT_BLOCK = (64, 128)
 
 
 def _launch(kernel_name: str, device: torch.device, grid: tuple[int, int], *args: Any, **meta: Any) -> None:
-    kernel = getattr(_src(), kernel_name)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            kernel[grid](*args, **meta)
-    else:
-        kernel[grid](*args, **meta)
+    launch(getattr(_src(), kernel_name), grid, device, args, meta)
 
 
 def dequant_int4(packed: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int) -> Tensor:

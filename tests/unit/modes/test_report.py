@@ -199,7 +199,7 @@ def test_model_size_checkpoint_size_and_benchmark_time_are_separate_columns(
         assert header in text
     line = next(t for t in text.splitlines() if "mode=ptq quant=int4" in t)
     cells = [c.strip() for c in line.split("│")[1:-1]]
-    assert cells[3:] == ["5.0000", "+25.0%", "", "0.200", "0.210", "4.50", "", "12.5", "4.25", "ok"]
+    assert cells[3:] == ["5.0000", "", "+25.0%", "", "0.200", "0.210", "4.50", "", "12.5", "4.25", "ok"]
     assert out["jobs"] == 4
 
 

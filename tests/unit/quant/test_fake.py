@@ -206,8 +206,8 @@ def test_to_linear_shares_the_weight_and_errors_name_the_layer() -> None:
     assert FakeQuantLinear.from_linear(lin, SPECS[0]).to_linear().weight is lin.weight
     with pytest.raises(ValueError, match="blocks.1.mlp.down: group_size=128"):
         FakeQuantLinear.from_linear(_linear(k=96), LayerSpec("int4", 4, 128), name="blocks.1.mlp.down")
-    with pytest.raises(ValueError, match="bias"):
-        FakeQuantLinear.from_linear(nn.Linear(64, 8), SPECS[0], name="x")
+    biased = nn.Linear(64, 8)  # a bias is kept, shared (tests/unit/quant/test_bias.py)
+    assert FakeQuantLinear.from_linear(biased, SPECS[0], name="x").to_linear().bias is biased.bias
 
 
 def test_fake_embedding_reads_the_fake_table() -> None:
