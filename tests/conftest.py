@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,17 @@ SHRINK = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.mlp_hid
           "train.batch_size=4", "data.val_windows=4", "train.warmup_steps=2", "eval.decode_tokens=8"]
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest-xdist's workers run with COLUMNS=80 LINES=24 in their environment; qtrain's output off a
+# terminal must be tested as a user's pipe sees it (rich takes COLUMNS as a fixed width).
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (torchrun's rendezvous; tests may run in parallel)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def compose_cfg(overrides: list[str]) -> RunConfig:

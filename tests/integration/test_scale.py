@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import SHRINK, qtrain_in_process
+from tests.conftest import SHRINK, free_port, qtrain_in_process
 
 pytestmark = pytest.mark.integration
 STEPS = ["train.max_steps=8", "train.log_every=1", "train.save_every=4", "train.eval_every=0"]
@@ -20,7 +20,7 @@ BASE = [o for o in SHRINK if not o.startswith("train.batch_size")]
 
 
 def _torchrun(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "qtrain", *args]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
