@@ -32,15 +32,8 @@ def _sync(device: torch.device) -> None:
 
 
 def wall_us(fn: Callable[[], Any], device: torch.device, reps: int = 20) -> float:
-    """Microseconds per call, ``reps`` calls back to back (host and device), after 3 warm-ups."""
-    for _ in range(3):
-        fn()
-    _sync(device)
-    t = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - t) / reps * 1e6
+    """Microseconds per call, ``reps`` calls back to back (host and device), after warm-up calls."""
+    return select.time_call(fn, device, reps)
 
 
 def graph_us(fn: Callable[[], Any], device: torch.device, calls: int = 20, replays: int = 5) -> float:
