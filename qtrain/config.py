@@ -294,6 +294,9 @@ class RunConfig:
     cores this process may run on, shared among the processes of a node) | a positive integer."""
     hooks: list[Any] = field(default_factory=list)
     """Experiment hooks: [{_target_: pkg.fn, ...}]."""
+    backend: str = "qtrain"
+    """eval, generate: qtrain (its own kernels) | llamacpp (the checkpoint exported losslessly to GGUF,
+    cached by its manifest hash, run through llama-cpp-python: pip install 'qtrain[llamacpp]')."""
 
 
 def register_configs() -> None:

@@ -77,6 +77,9 @@ def validate(cfg: RunConfig) -> list[str]:
     _check_overwrite(p, cfg)
     _check(p, cfg.device in ("auto", "cpu", "cuda"), "device", f"'{cfg.device}' must be auto|cpu|cuda")
     _check(p, _threads_ok(cfg.threads), "threads", f"'{cfg.threads}' must be auto or a positive integer")
+    _check(p, cfg.backend in ("qtrain", "llamacpp"), "backend", f"'{cfg.backend}' must be qtrain|llamacpp")
+    if cfg.backend == "llamacpp":
+        _check(p, cfg.mode.name in ("eval", "generate"), "backend", "backend=llamacpp runs mode=eval and mode=generate")
     for key in ("n_layer", "n_embd", "n_head", "block_size", "mlp_hidden", "vocab_size"):
         _check(p, getattr(m, key) > 0, f"model.{key}", f"must be > 0 (got {getattr(m, key)})")
     _validate_attention(p, m)

@@ -4,20 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from qtrain import runtime
 from qtrain.data import Corpus, val_starts
 from qtrain.errors import ConfigError
 from qtrain.evaluate import compare, perplexity
+from qtrain.export import llamacpp
 from qtrain.model import GPT
 from qtrain.modes.context import RunContext, announce, corpus_for, eval_fn_for, val_bpb
 from qtrain.modes.loading import load_init, load_reference
 from qtrain.modes.results import base_report, benchmark
 from qtrain.quant import autotune
-from qtrain.tokenizer import tokenizer_from_manifest
+from qtrain.tokenizer import byte_tokenizer, tokenizer_from_manifest
 
 
 def run_eval(ctx: RunContext) -> dict[str, Any]:
     """mode=eval: perplexity, size, decode and prefill speed; `compare_to` adds KL/top-1."""
+    if ctx.cfg.backend == "llamacpp":
+        return run_eval_llamacpp(ctx)
     ckpt, model = load_init(ctx)
     announce(ctx, ckpt)
     corpus = corpus_for(ctx, model.cfg.block_size)
@@ -30,6 +35,32 @@ def run_eval(ctx: RunContext) -> dict[str, Any]:
         report.update({"kernels": autotune.decisions()} if autotune.decisions() else {})
     if ctx.cfg.compare_to:
         report.update(compared(ctx, model, corpus, ctx.cfg.compare_to))
+    return report
+
+
+def run_eval_llamacpp(ctx: RunContext) -> dict[str, Any]:
+    """mode=eval backend=llamacpp: the same figures, computed by llama.cpp from the checkpoint's GGUF export."""
+    llamacpp.llama_cpp()  # installed? (exit 2 naming the extra) before anything is loaded
+    if ctx.cfg.compare_to:
+        raise ConfigError("compare_to: backend=llamacpp does not compare with a reference; use backend=qtrain")
+    ckpt, model = load_init(ctx)
+    announce(ctx, ckpt)
+    block = model.cfg.block_size
+    corpus = corpus_for(ctx, block)
+    eval_fn_for(ctx, corpus, block)  # the same windows; sets the tokens per byte of val_bpb
+    starts = val_starts(len(corpus.val), block, ctx.cfg.data.val_windows)
+    with llamacpp.gguf_file(model, ckpt.manifest, ctx.tokenizer or byte_tokenizer()) as (path, exported):
+        runner = llamacpp.LlamaCppModel(path, block, model.cfg.vocab_size, torch.get_num_threads())
+        try:
+            vloss = llamacpp.val_loss(runner, corpus.val, starts, block)
+            report = base_report(ctx, model, ckpt.manifest["step"], vloss, ckpt.path, ckpt.manifest.get("quant"))
+            report.update(llamacpp.export_summary(exported))
+            load_before = runtime.load_average()
+            report.update(llamacpp.benchmark(runner, model.cfg.vocab_size, ctx.cfg.eval))
+        finally:
+            runner.close()
+    if "bench_s" in report:
+        report.update(runtime.speed_conditions(load_before))
     return report
 
 
