@@ -114,7 +114,8 @@ def quantize(
         quant: the recipe.
         method: ``rtn`` | ``mse`` | ``gptq``.
         calib: token-id batches ``(B, T)`` on the model's device (gptq needs them).
-        **opts: ``damp`` (GPTQ dampening, default 0.01), ``grid`` (MSE candidates, default 100).
+        **opts: ``damp`` (GPTQ dampening, default 0.01), ``grid`` (MSE candidates, default 100),
+            ``act_order`` (GPTQ column order, default True).
     """
     model.eval()
     return quant.quantize(model, method, list(calib or []), **opts)  # type: ignore[return-value]

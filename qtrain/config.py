@@ -141,8 +141,9 @@ class TrainConfig:
     """Sequences per optimizer step (per process under DDP: global = batch_size * world)."""
     lr: float = 3e-3
     """Peak learning rate."""
-    min_lr_ratio: float = 0.1
-    """Cosine floor as a fraction of lr."""
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of lr (0: decay to zero; it was 0.1 until the quality matrix, README
+    Results, found that QAT needs the lr to reach zero to settle its codes; CHANGELOG)."""
     warmup_steps: int = 50
     """Linear warmup steps."""
     weight_decay: float = 0.1
@@ -186,7 +187,11 @@ class PTQConfig:
     damp: float = 0.01
     """GPTQ Hessian dampening, fraction of the mean diagonal."""
     mse_grid: int = 100
-    """MSE clipping search: number of candidate ranges."""
+    """MSE clipping search: number of candidate ranges (mse, and GPTQ's group ranges)."""
+    act_order: bool = True
+    """GPTQ: columns in order of decreasing Hessian diagonal, group ranges fixed beforehand from the
+    original weights (same packed format). false: left to right, each group's range taken when GPTQ
+    reaches it (qtrain's GPTQ until act-order became the default; CHANGELOG)."""
 
 
 @dataclass

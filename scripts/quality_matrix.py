@@ -65,7 +65,10 @@ REPO = SCRIPTS.parent
 CORPORA = ("tinyshakespeare", "pydocs", "pystdlib")
 SEEDS = (1337, 1338, 1339)
 """1337 is qtrain's default seed: tinyshakespeare/seed1337 repeats regime Q's run."""
-PTQ = ("int8", "int4_g32_rtn", "int4_g32_mse", "int4_g32_gptq", "int8da_int4w_rtn", "int8da_int4w_gptq")
+PTQ = ("int8", "int4_g32_rtn", "int4_g32_mse", "int4_g32_gptq", "int8da_int4w_rtn", "int8da_int4w_gptq",
+       "int4_g32_gptq_noact", "int8da_int4w_gptq_noact")
+PTQ_EXTRA = {f"{a}_noact": [*rq.PTQ_ARMS[a], "ptq.act_order=false"] for a in ("int4_g32_gptq", "int8da_int4w_gptq")}
+"""GPTQ as it was before `ptq.act_order=true` became the default (left to right, dynamic groups)."""
 SCHEMES = ("int4", "int8da_int4w")
 STDLIB_BYTES = 2_000_000
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -186,17 +189,37 @@ def qat_variants(presets: list[str], extras: list[str]) -> dict[str, tuple[str, 
     return arms
 
 
+def matched(specs: list[str]) -> dict[str, list[str]]:
+    """`--variant NAME=OVERRIDES` -> {NAME: overrides}: settings for a control and QAT arms alike."""
+    out: dict[str, list[str]] = {}
+    for v in specs:
+        name, _, over = v.partition("=")
+        if not name or not name.replace("_", "").isalnum() or name == "default":
+            raise UsageError(f"--variant {v!r}: expected NAME=OVERRIDES, NAME of letters, digits and _ (not default)")
+        out[name] = over.split()
+    return out
+
+
 def plan(proto: dict[str, list[str]], variants: dict[str, tuple[str, list[str]]],
-         only: str = "all") -> list[tuple[str, str | None, list[str]]]:
-    """A cell's arms in run order: (arm, the arm whose checkpoint it starts from, overrides)."""
+         only: str = "all", matched_variants: dict[str, list[str]] | None = None,
+         ) -> list[tuple[str, str | None, list[str]]]:
+    """A cell's arms in run order: (arm, the arm whose checkpoint it starts from, overrides).
+
+    A matched variant NAME gets its own control (control_fp_NAME, control_ptq_<scheme>_NAME) and QAT
+    arms (qat_<scheme>_NAME), all with its overrides: a schedule compared with its own control.
+    """
     arms: list[tuple[str, str | None, list[str]]] = [("fp", None, proto["fp"])]
     if only in ("all", "ptq"):
-        arms += [(f"ptq_{n}", "fp", ["mode=ptq", *rq.PTQ_ARMS[n]]) for n in PTQ]
+        arms += [(f"ptq_{n}", "fp", ["mode=ptq", *(rq.PTQ_ARMS | PTQ_EXTRA)[n]]) for n in PTQ]
     if only in ("all", "qat"):
         arms.append(("control_fp", "fp", ["mode=train", *proto["cont"]]))
         schemes = dict.fromkeys([*SCHEMES, *(s for s, _ in variants.values())])
         arms += [(f"control_ptq_{s}", "control_fp", ["mode=ptq", f"quant={s}"]) for s in schemes]
         arms += [(name, "fp", [*over, *proto["cont"]]) for name, (_, over) in variants.items()]
+        for name, over in (matched_variants or {}).items():
+            arms.append((f"control_fp_{name}", "fp", ["mode=train", *proto["cont"], *over]))
+            arms += [(f"control_ptq_{s}_{name}", f"control_fp_{name}", ["mode=ptq", f"quant={s}"]) for s in SCHEMES]
+            arms += [(f"qat_{s}_{name}", "fp", ["mode=qat", f"quant={s}", *proto["cont"], *over]) for s in SCHEMES]
     return arms
 
 
@@ -270,6 +293,8 @@ METRICS = {
     "int4_mse_closed": ("int4 mse: share of rtn gap closed", "share"),
     "int4_gptq_closed": ("int4 gptq: share of rtn gap closed", "share"),
     "w4a8_gptq_closed": ("int8da_int4w gptq: share closed", "share"),
+    "int4_gptq_noact_closed": ("int4 gptq, act_order=false: share closed", "share"),
+    "w4a8_gptq_noact_closed": ("int8da_int4w gptq, act_order=false: share closed", "share"),
     "control_fp_ppl": ("control fp (+continuation), ppl", "ppl"),
 }
 """Metric key -> (label, kind). Worst case: the largest ppl, ratio or gap; the smallest share."""
@@ -301,9 +326,15 @@ def cell_metrics(arms: dict[str, dict], qat: dict[str, str]) -> dict[str, float 
     for meth in ("mse", "gptq"):
         m[f"int4_{meth}_closed"] = _calc(closed, rtn, _ppl(arms, f"ptq_int4_g32_{meth}"), fp)
     m["w4a8_gptq_closed"] = _calc(closed, _ppl(arms, "ptq_int8da_int4w_rtn"), _ppl(arms, "ptq_int8da_int4w_gptq"), fp)
-    m["control_fp_ppl"] = ctl = _ppl(arms, "control_fp")
+    for key, scheme in (("int4", "int4_g32"), ("w4a8", "int8da_int4w")):
+        m[f"{key}_gptq_noact_closed"] = _calc(closed, _ppl(arms, f"ptq_{scheme}_rtn"),
+                                              _ppl(arms, f"ptq_{scheme}_gptq_noact"), fp)
+    m["control_fp_ppl"] = _ppl(arms, "control_fp")
     for arm, scheme in qat.items():
-        m[f"recovery_{arm[4:]}"] = _calc(closed, _ppl(arms, f"control_ptq_{scheme}"), _ppl(arms, arm), ctl)
+        name = arm.removeprefix(f"qat_{scheme}_")  # a matched variant's arms use its own control
+        sfx = f"_{name}" if name != arm and f"control_fp_{name}" in arms else ""
+        ctl, ptq = _ppl(arms, f"control_fp{sfx}"), _ppl(arms, f"control_ptq_{scheme}{sfx}")
+        m[f"recovery_{arm[4:]}"] = _calc(closed, ptq, _ppl(arms, arm), ctl)
     return m
 
 
@@ -423,6 +454,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="a QAT arm with +experiment=NAME (conf/experiment/NAME.yaml); repeatable")
     ap.add_argument("--qat-extra", action="append", default=[], metavar="NAME=OVERRIDES",
                     help="QAT arms int4 and int8da_int4w with these overrides, e.g. 'lsq=qat.learn_scales=true'")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
+                    help="a control (control_fp_NAME + its PTQ) and QAT arms qat_<scheme>_NAME, all with these "
+                    "overrides, recovery against that control, e.g. 'floor10=train.min_lr_ratio=0.1'")
     ap.add_argument("--quick", action="store_true", help=f"tiny step counts for iteration: {QUICK}")
     ap.add_argument("--report-only", action="store_true", help="run nothing; tabulate what OUT holds")
     return ap.parse_args(argv)
@@ -463,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         corpora, seeds, out, meta = setup(a)
         proto = protocol(a.quick)
         variants = qat_variants(a.preset, a.qat_extra)
-        arms = plan(proto, variants, a.only)
+        arms = plan(proto, variants, a.only, matched(a.variant))
         if not a.report_only:
             check_protocol(out, {"quick": a.quick, **proto, "corpora": {c: meta[c].get("sha256") for c in corpora}})
     except UsageError as e:
@@ -475,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             for corpus in corpora:
                 m.cell(corpus, seed)
     qat = {n: scheme for n, (scheme, _) in variants.items()} if a.only != "ptq" else {}
+    qat |= {f"qat_{s}_{v}": s for v in matched(a.variant) for s in SCHEMES} if a.only != "ptq" else {}
     summary = summarize(out, [(c, s) for s in seeds for c in corpora], qat)
     summary |= {"command": shlex.join(["python", "scripts/quality_matrix.py", *argv]), "quick": a.quick,
                 "protocol": proto, "corpora": {c: meta[c] for c in corpora}, "machine": rq.machine(),

@@ -31,8 +31,10 @@ from rich.console import Console
 from rich.table import Table
 
 COMMON = ["model=tiny", "data=text", "data.val_windows=-1", "train.batch_size=32"]  # + data.path from --data
-FP = ["mode=train", "train.max_steps=3000", "train.lr=3e-3", "train.warmup_steps=50", "train.eval_every=1000",
-      "train.save_every=1000"]
+FP = ["mode=train", "train.max_steps=3000", "train.lr=3e-3", "train.warmup_steps=50", "train.min_lr_ratio=0.1",
+      "train.eval_every=1000", "train.save_every=1000"]
+"""The full-precision model of regime Q: its cosine ends at 10% of lr, as every run of it since the first
+(train.min_lr_ratio's default until it became 0.0), so the model is the same one."""
 CONT = ["train.max_steps=600", "train.lr=5e-4", "train.warmup_steps=0", "train.eval_every=0", "train.save_every=0"]
 PTQ_ARMS = {
     "int8": ["quant=int8"],

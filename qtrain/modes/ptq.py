@@ -34,7 +34,7 @@ def run_ptq(ctx: RunContext) -> dict[str, Any]:
     recipe = QuantRecipe.from_config(cfg.quant)
     model.eval()
     try:
-        recipe.quantize(model, method, calib, damp=cfg.ptq.damp, grid=cfg.ptq.mse_grid)
+        recipe.quantize(model, method, calib, damp=cfg.ptq.damp, grid=cfg.ptq.mse_grid, act_order=cfg.ptq.act_order)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     vloss = evaluate(model)

@@ -82,7 +82,7 @@ def prepare_qat(ctx: RunContext, model: GPT, corpus: Corpus, hooks: HookSet, rec
             # computes exactly what `mode=ptq ptq.method=<init>` would have shipped.
             calib = calibration_batches(ctx, corpus, model.cfg.block_size, cfg.ptq.calib_batches)
             model.eval()
-            recipe.quantize(model, init, calib, damp=cfg.ptq.damp, grid=cfg.ptq.mse_grid)
+            recipe.quantize(model, init, calib, damp=cfg.ptq.damp, grid=cfg.ptq.mse_grid, act_order=cfg.ptq.act_order)
             recipe.to_fake(model)
             model.train()
     except ValueError as err:

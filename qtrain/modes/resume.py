@@ -48,8 +48,12 @@ def try_resume(ctx: RunContext, model: nn.Module, trainer: Trainer) -> bool:
         return False
     info(f"resume: continuing from {found} (step {trainer.step})")
     assert ckpt is not None
-    if applied := settings_changes(ctx, ckpt).applied:
-        info(resume_check.applied_note(found, applied))
+    changes = settings_changes(ctx, ckpt)
+    if changes.applied:
+        info(resume_check.applied_note(found, changes.applied))
+    if changes.kept:  # the trainer reads ctx.cfg.train at every step: the schedule stays the checkpoint's
+        resume_check.keep_values(ctx.cfg, changes.kept)
+        info(resume_check.kept_note(found, changes.kept))
     saved = (ckpt.manifest.get("config") or {}).get("train")
     if note := schedule_change(saved, ctx.cfg.train, trainer.step):
         warn(f"resume: {note}")

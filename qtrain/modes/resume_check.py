@@ -53,6 +53,10 @@ PATH_KEYS = frozenset({"init_from", "data.path"})
 """Compared as paths: the same file written another way is no change."""
 CORPUS_HASHES = ("train_sha256", "val_sha256")
 """The corpus fingerprint fields that say whether the data is the same."""
+FORMER_DEFAULTS: dict[str, tuple[Any, ...]] = {"train.min_lr_ratio": (0.1,)}
+"""Defaults that changed, with their earlier values. A checkpoint trained with an earlier default and
+resumed by a command that leaves the key at today's default keeps the checkpoint's value: the run
+continues as it was started (a resume across an upgrade is not a settings change)."""
 _CORPUS_NOTE = (
     ". The corpus text differs from the text the checkpoint was trained on (corpus.*: SHA-256 of its "
     "training and validation splits): restore it, or train on the new text in a new run dir"
@@ -77,6 +81,8 @@ class Comparison:
 
     applied: list[Change] = field(default_factory=list)
     refused: list[Change] = field(default_factory=list)
+    kept: list[Change] = field(default_factory=list)
+    """Keys whose default changed since the checkpoint: the run keeps the checkpoint's value (`old`)."""
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -169,6 +175,9 @@ def compare(
             continue
         if _set_by_the_run(key, old, after, defaults):
             continue
+        if after == defaults.get(key) and before in FORMER_DEFAULTS.get(key, ()):
+            result.kept.append(Change(key, before, after))
+            continue
         change = Change(key, before, after)
         if is_safe(key) or (key == "data.path" and content):  # the same text under another name
             result.applied.append(change)
@@ -197,6 +206,22 @@ def applied_note(path: Path, applied: list[Change]) -> str:
     """The line that says which changed settings the resumed run applies (and records)."""
     what = ", ".join(f"{c.key} {c.old!r} -> {c.new!r}" for c in applied)
     return f"resume: settings changed since {path}, applied and recorded in this run's checkpoints: {what}"
+
+
+def kept_note(path: Path, kept: list[Change]) -> str:
+    """The line that says which settings a resumed run keeps from its checkpoint (their default changed since)."""
+    what = ", ".join(f"{c.key}={c.old!r} (today's default {c.new!r})" for c in kept)
+    return f"resume: {path} was trained with an earlier default; this run continues with it: {what}"
+
+
+def keep_values(cfg: Any, kept: list[Change]) -> None:
+    """Set each kept key of `cfg` (a RunConfig) back to the checkpoint's value, in place."""
+    for c in kept:
+        *parents, leaf = c.key.split(".")
+        node = cfg
+        for part in parents:
+            node = getattr(node, part)
+        setattr(node, leaf, c.old)
 
 
 def check_run_dir(cfg: RunConfig, run_dir: Path) -> list[str]:

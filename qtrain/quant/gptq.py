@@ -4,8 +4,12 @@ Blocks are processed in order; inputs of the first block are captured on the cal
 batches, each block's target linears get a Hessian ``H = 2 X^T X / n`` from their inputs, are
 quantized column by column with error compensation (dampening ``damp * mean(diag H)``,
 Cholesky of the inverse, lazy batch updates of ``GPTQ_BLOCK`` columns), and the block's outputs
-*with quantized weights* feed the next block. Group qparams are computed when a group's first
-column is reached, from the already-updated weights. Layers outside ``model.blocks`` (the head)
+*with quantized weights* feed the next block. With ``act_order`` (the default) columns go in
+order of decreasing Hessian diagonal (the inputs that carry most energy first, while most
+columns are left to absorb their error) and every group's qparams are fixed beforehand from the
+original weights ("static groups": groups stay contiguous, so the packed format is unchanged);
+without it, group qparams are computed when a group's first column is reached, from the
+already-updated weights. Layers outside ``model.blocks`` (the head)
 are done last from one full forward pass; an embedding table (no inputs) is left to convert
 (round to nearest).
 """
@@ -49,6 +53,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = GPTQ_BLOCK,
     mse_grid: int = 0,
+    act_order: bool = False,
 ) -> QuantizedWeight:
     """GPTQ codes of one weight given its input Hessian.
 
@@ -60,7 +65,10 @@ def gptq_quantize(
         block_size: columns per lazy batch update.
         mse_grid: when > 0, each group's qparams come from a clipping search (as in ``mse``)
             over the group's error-compensated weights at the moment GPTQ reaches it, instead
-            of max-abs; 0 keeps plain GPTQ.
+            of max-abs; 0 keeps plain GPTQ. With ``act_order`` the search runs once per group
+            on the original weights.
+        act_order: columns in order of decreasing Hessian diagonal, with static group qparams
+            (see the module docstring).
 
     Returns:
         Codes, and the exact scales (zeros) they were computed with.
@@ -74,6 +82,8 @@ def gptq_quantize(
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match K={k}")
     spec.check("gptq", k)
     with _single_thread():  # many small ops: intra-op threads only add sync (and stall badly on a busy CPU)
+        if act_order:
+            return _gptq_act_order(w, hessian, spec, damp, block_size, mse_grid)
         return _gptq(w, hessian, spec, damp, block_size, mse_grid)
 
 
@@ -88,6 +98,39 @@ def _gptq(w: Tensor, hessian: Tensor, spec: LayerSpec, damp: float, block_size: 
     scales = torch.empty(n, n_groups, dtype=P.SCALE_DTYPE, device=w.device)
     zeros = None if spec.symmetric else torch.empty(n, n_groups, dtype=torch.uint8, device=w.device)
     _gptq_columns(w, hinv, spec, block, codes, scales, zeros, mse_grid)
+    return QuantizedWeight(codes, scales, zeros)
+
+
+def _gptq_act_order(
+    w: Tensor, hessian: Tensor, spec: LayerSpec, damp: float, block_size: int, mse_grid: int
+) -> QuantizedWeight:
+    """GPTQ over the columns in decreasing ``diag(H)`` order with static (original-weight) group qparams."""
+    k = w.shape[1]
+    if mse_grid > 0:
+        scales, zeros = mse_qparams(w, spec, mse_grid)
+    else:
+        scales, zeros = P.choose_qparams(w, spec.bits, spec.group_size, spec.symmetric)
+    perm = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    hinv, dead = _inverse_hessian_factor(hessian[perm][:, perm], damp)
+    wp = w[:, perm]
+    wp[:, dead] = 0.0
+    group = perm // (k if spec.group_size == -1 else spec.group_size)  # group of each permuted column
+    codes_p = torch.empty(w.shape, dtype=P.code_dtype(spec.bits), device=w.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1, h1 = wp[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            gi = int(group[i1 + i])
+            s, z = scales[:, gi : gi + 1], None if zeros is None else zeros[:, gi : gi + 1]
+            q = P.quantize(w1[:, i : i + 1], s, z, spec.bits, -1)
+            codes_p[:, i1 + i] = q[:, 0]
+            err = (w1[:, i] - P.dequantize(q, s, z, spec.bits, -1)[:, 0]) / h1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        wp[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    codes = torch.empty_like(codes_p)
+    codes[:, perm] = codes_p
     return QuantizedWeight(codes, scales, zeros)
 
 
@@ -208,8 +251,9 @@ def quantize_layers(
     damp: float,
     kernel: str,
     grid: int = 0,
+    act_order: bool = True,
 ) -> None:
-    """Sequential GPTQ over ``model.blocks`` then the remaining linear targets."""
+    """Sequential GPTQ over ``model.blocks`` then the remaining linear targets (``act_order``: see the module)."""
     blocks = getattr(model, "blocks", None)
     done: set[str] = set()
     bar = phase("GPTQ", total=len(names), unit="layers")
@@ -230,7 +274,9 @@ def quantize_layers(
                     swap_packed(
                         model,
                         name,
-                        gptq_quantize(float_weight(model, name), hs[name], spec, damp, mse_grid=grid),
+                        gptq_quantize(
+                            float_weight(model, name), hs[name], spec, damp, mse_grid=grid, act_order=act_order
+                        ),
                         spec,
                         kernel,
                     )
@@ -247,6 +293,6 @@ def quantize_layers(
 
             hs = _hessians(run_model, model, rest, spec.activations == "int8")
             for name in rest:
-                qw = gptq_quantize(float_weight(model, name), hs[name], spec, damp, mse_grid=grid)
+                qw = gptq_quantize(float_weight(model, name), hs[name], spec, damp, mse_grid=grid, act_order=act_order)
                 swap_packed(model, name, qw, spec, kernel)
                 bar.advance()

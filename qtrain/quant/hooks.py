@@ -226,6 +226,40 @@ class SQNRLogger:
         return out
 
 
+class CodeFlips:
+    """Built-in: how many weight codes still change, logged to metrics.jsonl every `every` steps.
+
+    ``code_flips`` is the share of all fake-quant weight codes that differ from the codes
+    `every` steps before (``code_flips/<layer>`` per layer with ``per_layer``); QAT has settled
+    when it nears zero. Codes only are compared (scales learnt with LSQ move them too).
+
+    Config: ``'hooks=[{_target_: qtrain.quant.hooks.CodeFlips, every: 50}]'``
+    """
+
+    def __init__(self, every: int = 50, per_layer: bool = False) -> None:
+        self.every = max(1, int(every))
+        self.per_layer = bool(per_layer)
+        self.last: dict[str, torch.Tensor] = {}
+
+    def after_step(self, step: int, model: nn.Module) -> dict[str, float] | None:
+        if (step + 1) % self.every:
+            return None
+        out: dict[str, float] = {}
+        changed = total = 0
+        with torch.no_grad():
+            for name, m in fake_quant_modules(model):
+                codes = m.quantized().codes
+                if name in self.last:
+                    n = int((codes != self.last[name]).sum())
+                    changed, total = changed + n, total + codes.numel()
+                    if self.per_layer:
+                        out[f"code_flips/{name}"] = round(n / codes.numel(), 6)
+                self.last[name] = codes.clone()
+        if total:
+            out["code_flips"] = round(changed / total, 6)
+        return out or None
+
+
 class KeepFullPrecision:
     """Built-in: keep the layers whose names match any glob pattern in full precision.
 

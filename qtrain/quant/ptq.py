@@ -50,8 +50,9 @@ __all__ = [  # the per-weight and GPTQ functions are re-exported: ptq is where c
     "rtn_quantize",
 ]
 
-LayersFn = Callable[[nn.Module, list[str], LayerSpec, Sequence[Tensor], float, int, str], None]
-"""``fn(model, target names, spec, calib, damp, grid, kernel)``: quantize the linear targets in place."""
+LayersFn = Callable[..., None]
+"""``fn(model, target names, spec, calib, damp, grid, kernel, act_order=...)``: quantize the linear targets in
+place (``act_order``: GPTQ's column order, ignored by the other methods)."""
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,19 @@ class PTQMethod:
     table: Callable[[Tensor, LayerSpec, int], QuantizedWeight] | None = None
 
 
-def _rtn_layers(*_: object) -> None:
+def _rtn_layers(*_: object, **__: object) -> None:
     """Round to nearest: convert does it."""
 
 
 def _mse_layers(
-    model: nn.Module, names: list[str], spec: LayerSpec, calib: Sequence[Tensor], damp: float, grid: int, kernel: str
+    model: nn.Module,
+    names: list[str],
+    spec: LayerSpec,
+    calib: Sequence[Tensor],
+    damp: float,
+    grid: int,
+    kernel: str,
+    act_order: bool = True,
 ) -> None:
     with phase("MSE scale search", total=len(names), unit="layers") as bar:
         for name in names:
@@ -88,9 +96,16 @@ def _mse_layers(
 
 
 def _gptq_layers(
-    model: nn.Module, names: list[str], spec: LayerSpec, calib: Sequence[Tensor], damp: float, grid: int, kernel: str
+    model: nn.Module,
+    names: list[str],
+    spec: LayerSpec,
+    calib: Sequence[Tensor],
+    damp: float,
+    grid: int,
+    kernel: str,
+    act_order: bool = True,
 ) -> None:
-    gptq.quantize_layers(model, [n for n in names if n != EMBEDDING], spec, calib, damp, kernel, grid)
+    gptq.quantize_layers(model, [n for n in names if n != EMBEDDING], spec, calib, damp, kernel, grid, act_order)
 
 
 METHODS: dict[str, PTQMethod] = {
@@ -119,6 +134,7 @@ def quantize_ptq(
     calib: Sequence[Tensor] | None = None,
     damp: float = 0.01,
     grid: int = 100,
+    act_order: bool = True,
 ) -> nn.Module:
     """Post-training quantize a full-precision model into packed modules (in place).
 
@@ -129,6 +145,7 @@ def quantize_ptq(
         calib: token-id batches ``(B, T)`` on the model's device (required for ``gptq``).
         damp: GPTQ dampening (fraction of the mean Hessian diagonal).
         grid: MSE search candidates.
+        act_order: GPTQ in order of decreasing Hessian diagonal with static groups.
 
     Returns:
         The same model object, converted.
@@ -146,7 +163,7 @@ def quantize_ptq(
     if entry.needs_calibration and not calib:
         raise ValueError(f"ptq.method={method} needs calibration batches (ptq.calib_batches > 0)")
     with torch.no_grad():
-        entry.layers(model, names, spec, calib or [], damp, grid, qcfg.kernel)
+        entry.layers(model, names, spec, calib or [], damp, grid, qcfg.kernel, act_order=act_order)
     return _finish_embedding(model, qcfg, entry, grid)
 
 

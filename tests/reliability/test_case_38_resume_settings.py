@@ -5,6 +5,7 @@ recorded: the checkpoints and ``.hydra`` never hold a value that was not the one
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,24 @@ def test_case_38_command_line_refused_before_hydra_writes(tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert "train.lr=0.003 (this run: 0.01)" in err and "seed=1337 (this run: 3)" in err
     assert tree_hashes(run) == before  # .hydra/config.yaml still says what the checkpoints were trained with
+
+
+def test_case_38_earlier_default_is_kept_not_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run started when train.min_lr_ratio defaulted to 0.1, resumed by a command that does not set it,
+    continues with 0.1 (its schedule), says so and records it; setting it explicitly is still a refused change."""
+    assert [c.key for c in compare(_now(train__min_lr_ratio=0.1), _now(train__min_lr_ratio=0.0)).kept] == [
+        "train.min_lr_ratio"
+    ]
+    assert [c.key for c in compare(_now(train__min_lr_ratio=0.2), _now(train__min_lr_ratio=0.0)).refused] == [
+        "train.min_lr_ratio"
+    ]
+    run = tmp_path / "run"
+    assert qtrain(train_args(run, 4, "train.save_every=2", "train.log_every=1", "train.warmup_steps=0",
+                             "train.min_lr_ratio=0.1")) == 0
+    assert qtrain(train_args(run, 8, "train.save_every=2", "train.log_every=1", "train.warmup_steps=0")) == 0
+    out = capsys.readouterr().out
+    assert "earlier default" in out and "train.min_lr_ratio=0.1" in out
+    assert manifest(run / "checkpoints" / "step_0000008")["config"]["train"]["min_lr_ratio"] == 0.1
+    lr = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    floor = {f: 3e-3 * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * 7 / 8))) for f in (0.1, 0.0)}  # last step's lr
+    assert lr[8] == pytest.approx(floor[0.1], rel=1e-6) and floor[0.0] < 0.3 * floor[0.1]

@@ -17,7 +17,10 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 # Made-up val ppl per arm for the fake runner; recoveries and shares below follow from these.
 PPL = {"fp": 4.0, "ptq_int8": 4.004, "ptq_int4_g32_rtn": 4.2, "ptq_int4_g32_mse": 4.15, "ptq_int4_g32_gptq": 4.1,
        "ptq_int8da_int4w_rtn": 4.22, "ptq_int8da_int4w_gptq": 4.11, "control_fp": 3.9, "control_ptq_int4": 4.1,
-       "control_ptq_int8da_int4w": 4.12, "qat_int4_default": 3.95, "qat_int8da_int4w_default": 4.01}
+       "control_ptq_int8da_int4w": 4.12, "qat_int4_default": 3.95, "qat_int8da_int4w_default": 4.01,
+       "ptq_int4_g32_gptq_noact": 4.15, "ptq_int8da_int4w_gptq_noact": 4.2,
+       "control_fp_floor10": 3.92, "control_ptq_int4_floor10": 4.12, "control_ptq_int8da_int4w_floor10": 4.14,
+       "qat_int4_floor10": 4.02, "qat_int8da_int4w_floor10": 4.03}
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +99,7 @@ def test_metrics_recovery_and_aggregates(qm):
     assert m["int8_ratio"] == approx(1.001) and m["int4_rtn_gap"] == approx(0.05)
     assert m["int4_mse_closed"] == approx(0.25) and m["int4_gptq_closed"] == approx(0.5)
     assert m["w4a8_gptq_closed"] == approx(0.5)
+    assert m["int4_gptq_noact_closed"] == approx(0.25) and m["w4a8_gptq_noact_closed"] == approx(1 / 11)
     assert m["recovery_int4_default"] == approx(0.75)  # (4.1 - 3.95) / (4.1 - 3.9)
     assert m["recovery_int8da_int4w_default"] == approx(0.5)  # (4.12 - 4.01) / (4.12 - 3.9)
     del arms["control_fp"]
@@ -109,12 +113,33 @@ def test_metrics_recovery_and_aggregates(qm):
     assert qm.aggregate(["failed"], "share") == {"n": 0, "of": 1, "mean": None, "sd": None, "worst": None}
 
 
+def test_matched_variant_has_its_own_control(qm, tmp_path):
+    runner = FakeQtrain()
+    proto = qm.protocol(quick=True)
+    arms = qm.plan(proto, qm.qat_variants([], []), "all", qm.matched(["floor10=train.min_lr_ratio=0.1"]))
+    m = qm.Matrix(tmp_path, proto, arms, {"pydocs": ["data=pydocs"]}, run=runner)
+    m.cell("pydocs", 3)
+    assert set(ran(runner)) == set(PPL)
+    for name in ("control_fp_floor10", "qat_int4_floor10", "qat_int8da_int4w_floor10"):
+        call = next(c for c in runner.calls if c[-1].endswith(name))
+        assert call[-3] == "train.min_lr_ratio=0.1" and f"init_from={tmp_path / 'pydocs' / 'seed3' / 'fp'}" in call
+    ctl = next(c for c in runner.calls if c[-1].endswith("control_ptq_int4_floor10"))
+    assert f"init_from={tmp_path / 'pydocs' / 'seed3' / 'control_fp_floor10'}" in ctl
+    s = qm.summarize(tmp_path, [("pydocs", 3)], {})
+    got = s["cells"][0]["metrics"]
+    assert got["recovery_int4_floor10"] == pytest.approx(0.5)  # (4.12 - 4.02) / (4.12 - 3.92): its own control
+    assert got["recovery_int4_default"] == pytest.approx(0.75)  # the default control
+    with pytest.raises(qm.UsageError, match="--variant"):
+        qm.matched(["default=x"])
+
+
 def test_matrix_runs_each_arm_once_and_resumes(qm, tmp_path):
     runner = FakeQtrain()
     m = make_matrix(qm, tmp_path, runner)
     m.cell("pydocs", 7)
     cell = tmp_path / "pydocs" / "seed7"
-    assert ran(runner) == [name for name, _, _ in m.arms] and set(ran(runner)) == set(PPL)
+    assert ran(runner) == [name for name, _, _ in m.arms] and set(ran(runner)) == set(PPL) - {
+        n for n in PPL if n.endswith("floor10")}
     qat = next(c for c in runner.calls if c[-1].endswith("qat_int4_default"))
     assert f"init_from={cell / 'fp'}" in qat and "seed=7" in qat and "data=pydocs" in qat
     assert "train.max_steps=20" in qat and "data.val_windows=8" in qat

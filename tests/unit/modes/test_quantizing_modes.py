@@ -168,3 +168,25 @@ def test_ptq_says_it_does_not_run_hooks(tmp_path: Path, capsys: pytest.CaptureFi
     hooks = f"hooks=[{{_target_: {target}}}]"
     _run(tmp_path, "ptq", ["mode=ptq", "quant=int4", f"init_from={fp['checkpoint']}", hooks])
     assert EVENTS == [] and "mode=ptq does not run hooks" in capsys.readouterr().err
+
+
+def test_code_flips_hook_counts_changed_codes() -> None:
+    from qtrain.model import GPT
+    from qtrain.quant.hooks import CodeFlips
+
+    cfg = compose_cfg([*SHRINK, "mode=qat", "quant=int4"])
+    model = GPT(cfg.model)
+    model.init_weights(0)
+    api.prepare(model, cfg.quant)
+    hook = CodeFlips(every=2, per_layer=True)
+    assert hook.after_step(0, model) is None  # not a measuring step
+    assert hook.after_step(1, model) is None  # first measurement: nothing to compare with yet
+    assert hook.after_step(3, model)["code_flips"] == 0.0  # unchanged weights: no flips
+    mod = model.blocks[0].mlp.down
+    with torch.no_grad():
+        mod.weight[:, :32] *= -1  # sign-flips one group of columns: their nonzero codes change
+    out = hook.after_step(5, model)
+    codes = mod.quantized().codes
+    share = out["code_flips/blocks.0.mlp.down"]
+    assert 0 < share <= 32 / codes.shape[1] and out["code_flips"] < share  # other layers unchanged
+    assert out["code_flips/blocks.0.attn.qkv"] == 0.0

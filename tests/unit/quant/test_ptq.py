@@ -63,6 +63,31 @@ def test_gptq_beats_rtn_output_error_with_correlated_inputs(spec: LayerSpec) -> 
     assert torch.equal(P.quantize(w_hat, g.scales, g.zeros, spec.bits, spec.group_size), g.codes)
 
 
+@pytest.mark.parametrize("spec", SPECS[:3], ids=IDS[:3])
+def test_gptq_act_order_static_groups(spec: LayerSpec) -> None:
+    """act_order: high-energy inputs first, group ranges from the original weights (same format)."""
+    gen = torch.Generator().manual_seed(2)
+    k = 128
+    energy = torch.logspace(-1.5, 1, k)[torch.randperm(k, generator=gen)]  # a few loud features, anywhere
+    x = (torch.randn(4096, k, generator=gen) @ (torch.randn(k, k, generator=gen) / k**0.5 + torch.eye(k))) * energy
+    w, h = _weight(48, k), 2 * x.t() @ x / 4096
+
+    def output_error(qw: P.QuantizedWeight) -> float:
+        w_hat = P.dequantize(qw.codes, qw.scales, qw.zeros, spec.bits, spec.group_size)
+        return float((x @ (w_hat - w).t()).pow(2).mean())
+
+    plain, act = ptq.gptq_quantize(w, h, spec), ptq.gptq_quantize(w, h, spec, act_order=True)
+    assert output_error(act) < 0.9 * output_error(plain) < 0.9 * output_error(ptq.rtn_quantize(w, spec))
+    static = P.choose_qparams(w, spec.bits, spec.group_size, spec.symmetric)  # fixed before any update
+    assert torch.equal(act.scales, static[0]) and (act.zeros is None) == (static[1] is None)
+    assert act.codes.shape == w.shape and act.codes.dtype == plain.codes.dtype
+    dead = h.clone()
+    dead[5, :] = dead[:, 5] = 0.0  # a feature that never fires: its column quantizes to zero
+    z = ptq.gptq_quantize(w, dead, spec, act_order=True)
+    assert float(P.dequantize(z.codes, z.scales, z.zeros, spec.bits, spec.group_size)[:, 5].abs().max()) < 1e-6 or (
+        not spec.symmetric)
+
+
 def test_gptq_hessian_uses_int8_inputs_for_int8_activations(trained_ish: GPT) -> None:
     x = torch.randn(3, 7, 64, generator=torch.Generator().manual_seed(4)) * 3
     plain, act = ptq.HessianHook(64, torch.device("cpu")), ptq.HessianHook(64, torch.device("cpu"), act_int8=True)
