@@ -116,19 +116,7 @@ def _gptq_act_order(
     wp[:, dead] = 0.0
     group = perm // (k if spec.group_size == -1 else spec.group_size)  # group of each permuted column
     codes_p = torch.empty(w.shape, dtype=P.code_dtype(spec.bits), device=w.device)
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        w1, h1 = wp[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        for i in range(i2 - i1):
-            gi = int(group[i1 + i])
-            s, z = scales[:, gi : gi + 1], None if zeros is None else zeros[:, gi : gi + 1]
-            q = P.quantize(w1[:, i : i + 1], s, z, spec.bits, -1)
-            codes_p[:, i1 + i] = q[:, 0]
-            err = (w1[:, i] - P.dequantize(q, s, z, spec.bits, -1)[:, 0]) / h1[i, i]
-            w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
-            err1[:, i] = err
-        wp[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    _gptq_columns(wp, hinv, spec, block_size, codes_p, scales, zeros, static_group=group)
     codes = torch.empty_like(codes_p)
     codes[:, perm] = codes_p
     return QuantizedWeight(codes, scales, zeros)
@@ -153,8 +141,13 @@ def _gptq_columns(
     scales: Tensor,
     zeros: Tensor | None,
     mse_grid: int = 0,
+    static_group: Tensor | None = None,
 ) -> None:
-    """Column loop of GPTQ, filling ``codes``/``scales``/``zeros`` in place (w is updated)."""
+    """Column loop of GPTQ, filling ``codes``/``scales``/``zeros`` in place (w is updated).
+
+    With ``static_group`` (the group of each column, act-order) ``scales``/``zeros`` are given
+    and only read; without, each group's qparams are chosen when its first column is reached.
+    """
     k = w.shape[1]
     g = k if spec.group_size == -1 else spec.group_size
     for i1 in range(0, k, block):
@@ -163,7 +156,10 @@ def _gptq_columns(
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
             col = i1 + i
-            if col % g == 0:  # new group: qparams from the (already updated) group weights
+            if static_group is not None:
+                gi = int(static_group[col])
+                s, z = scales[:, gi : gi + 1], None if zeros is None else zeros[:, gi : gi + 1]
+            elif col % g == 0:  # new group: qparams from the (already updated) group weights
                 slab = w1[:, i : i + g]
                 if mse_grid > 0:
                     s, z = mse_qparams(slab, dataclasses.replace(spec, group_size=-1), mse_grid)
