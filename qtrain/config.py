@@ -211,12 +211,16 @@ class QATConfig:
     init: str = "auto"
     """Where QAT starts: auto (gptq with a full-precision init_from, else rtn) | rtn | mse | gptq.
     mse/gptq start from that PTQ result itself (its codes and scales)."""
-    distill: bool = False
-    """Distil from the frozen full-precision init_from model."""
-    distill_weight: float = 1.0
+    distill: bool | None = None
+    """Distil from the frozen full-precision init_from model (cross-entropy + distill_weight x KL on
+    the logits). null (the default): when there is an init_from; true: require one; false: never
+    (cross-entropy alone, no teacher copy in memory). Chosen on the quality matrix (README, Results)."""
+    distill_weight: float = 0.5
     """Weight of the KL term."""
     distill_temperature: float = 1.0
     """Softmax temperature of the KL term."""
+    distill_schedule: str = "constant"
+    """constant: the KL weight stays `distill_weight` | linear: it falls to zero at train.max_steps."""
 
 
 @dataclass
@@ -302,6 +306,11 @@ class RunConfig:
     backend: str = "qtrain"
     """eval, generate: qtrain (its own kernels) | llamacpp (the checkpoint exported losslessly to GGUF,
     cached by its manifest hash, run through llama-cpp-python: pip install 'qtrain[llamacpp]')."""
+
+
+def distills(cfg: RunConfig) -> bool:
+    """Whether this run distils: mode=qat with a full-precision `init_from` and `qat.distill` not false."""
+    return cfg.mode.name == "qat" and bool(cfg.init_from) and cfg.qat.distill is not False
 
 
 def register_configs() -> None:

@@ -114,6 +114,12 @@ def validate(cfg: RunConfig) -> list[str]:
     _check(p, cfg.qat.act_start_step >= 0, "qat.act_start_step", f"must be >= 0 (got {cfg.qat.act_start_step})")
     _check(p, cfg.qat.scale_lr > 0, "qat.scale_lr", f"must be > 0 (got {cfg.qat.scale_lr})")
     _check(p, cfg.qat.distill_temperature > 0, "qat.distill_temperature", "must be > 0")
+    _check(
+        p,
+        cfg.qat.distill_schedule in ("constant", "linear"),
+        "qat.distill_schedule",
+        f"'{cfg.qat.distill_schedule}' is not one of ['constant', 'linear']",
+    )
     ev = cfg.eval
     _check(p, ev.decode_tokens >= 0, "eval.decode_tokens", f"must be >= 0 (0: skip; got {ev.decode_tokens})")
     _check(p, ev.decode_repeats > 0, "eval.decode_repeats", f"must be > 0 (got {ev.decode_repeats})")
@@ -248,5 +254,5 @@ def _validate_mode_inputs(p: list[str], cfg: RunConfig) -> None:
         _check(p, ftype in floats, "export.float_type", f"'{ftype}' is not one of {list(floats)}")
     if mode == "report":
         _check(p, len(cfg.runs) > 0, "runs", "mode=report needs runs=[DIR,...]")
-    if cfg.qat.distill and mode == "qat":
+    if cfg.qat.distill is True and mode == "qat":
         _check(p, bool(cfg.init_from), "qat.distill", "distillation needs a full-precision teacher: init_from=PATH")

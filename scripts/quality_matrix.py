@@ -180,9 +180,11 @@ def qat_variants(presets: list[str], extras: list[str]) -> dict[str, tuple[str, 
     arms: dict[str, tuple[str, list[str]]] = {}
     for v in ["default=", *extras]:
         name, _, over = v.partition("=")
-        if not name or not name.replace("_", "").replace("-", "").isalnum():
-            raise UsageError(f"--qat-extra {v!r}: expected NAME=OVERRIDES, NAME of letters, digits, - and _")
-        for s in SCHEMES:
+        only, _, name = name.rpartition(":")  # SCHEME:NAME=OVERRIDES: that scheme's arm only
+        if not name or not name.replace("_", "").replace("-", "").isalnum() or (only and only not in SCHEMES):
+            raise UsageError(f"--qat-extra {v!r}: expected [SCHEME:]NAME=OVERRIDES, NAME of letters, digits, - and _"
+                             f", SCHEME one of {', '.join(SCHEMES)}")
+        for s in [only] if only else SCHEMES:
             arms[f"qat_{s}_{name}"] = (s, ["mode=qat", f"quant={s}", *over.split()])
     for p in presets:
         arms[f"qat_preset_{p}"] = (preset_scheme(p), [f"+experiment={p}"])
@@ -267,6 +269,14 @@ class Matrix:
         return True
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: several matrix processes may share OUT (on
+    disjoint cells), and one must never read another's half-written protocol.json."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def check_protocol(out: Path, record: dict) -> None:
     """Record the protocol in OUT/protocol.json, or refuse an OUT whose runs were made with another one.
 
@@ -281,7 +291,7 @@ def check_protocol(out: Path, record: dict) -> None:
         raise UsageError(f"--out {out}: its runs were made with another protocol ({', '.join(diff)} differ, "
                          f"see {f}); use another --out")
     out.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps(old | {"corpora": old["corpora"] | record["corpora"]}, indent=2))
+    write_atomic(f, json.dumps(old | {"corpora": old["corpora"] | record["corpora"]}, indent=2))
 
 
 METRICS = {
@@ -436,8 +446,8 @@ def render(out: Path, summary: dict) -> None:
            "the largest gap or ratio, the smallest share; cells: cells with a number / cells. missing: not run (yet); "
            "failed: <corpus>/seed<k>/<arm>.failed.log; n/a: no gap to close (left out of mean, sd, worst).", ""]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "matrix.md").write_text("\n".join(md))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_atomic(out / "matrix.md", "\n".join(md))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -453,7 +463,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--preset", action="append", default=[], metavar="NAME",
                     help="a QAT arm with +experiment=NAME (conf/experiment/NAME.yaml); repeatable")
     ap.add_argument("--qat-extra", action="append", default=[], metavar="NAME=OVERRIDES",
-                    help="QAT arms int4 and int8da_int4w with these overrides, e.g. 'lsq=qat.learn_scales=true'")
+                    help="QAT arms int4 and int8da_int4w with these overrides, e.g. 'lsq=qat.learn_scales=true'; "
+                    "'int4:NAME=...': the int4 arm only")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=OVERRIDES",
                     help="a control (control_fp_NAME + its PTQ) and QAT arms qat_<scheme>_NAME, all with these "
                     "overrides, recovery against that control, e.g. 'floor10=train.min_lr_ratio=0.1'")
@@ -510,7 +521,11 @@ def main(argv: list[str] | None = None) -> int:
                 m.cell(corpus, seed)
     qat = {n: scheme for n, (scheme, _) in variants.items()} if a.only != "ptq" else {}
     qat |= {f"qat_{s}_{v}": s for v in matched(a.variant) for s in SCHEMES} if a.only != "ptq" else {}
-    summary = summarize(out, [(c, s) for s in seeds for c in corpora], qat)
+    # --report-only without --seeds: the cells OUT holds (the default seeds as missing when it has none)
+    asked = [(c, s) for s in seeds for c in corpora]
+    if a.report_only and not a.seeds and any(out.glob("*/seed*")):
+        asked = []
+    summary = summarize(out, asked, qat)
     summary |= {"command": shlex.join(["python", "scripts/quality_matrix.py", *argv]), "quick": a.quick,
                 "protocol": proto, "corpora": {c: meta[c] for c in corpora}, "machine": rq.machine(),
                 "driver_python": platform.python_version()}

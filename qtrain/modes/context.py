@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from qtrain import checkpoint as ck
-from qtrain.config import ModelConfig, RunConfig
+from qtrain.config import ModelConfig, RunConfig, distills
 from qtrain.console import info
 from qtrain.data import BatchSampler, Corpus, load_corpus, target_bytes, tokenizer_for, val_starts
 from qtrain.errors import ConfigError
@@ -189,7 +189,7 @@ def announce(ctx: RunContext, ckpt: ck.Checkpoint | None = None) -> None:
     if mode == "ptq":
         scheme = f"{requested}, {cfg.ptq.method}"
     elif mode == "qat":
-        scheme = f"{requested}, QAT{' + distill' if cfg.qat.distill and ckpt else ''}"
+        scheme = f"{requested}, QAT{' + distill' if distills(cfg) and ckpt else ''}"
     else:
         held = QuantRecipe.from_manifest(ckpt.manifest.get("quant") if ckpt is not None else None)
         scheme = held.banner_label + (f", {held.method}" if held.method else "")

@@ -20,7 +20,7 @@ from qtrain.config import ModelConfig, RunConfig
 from qtrain.console import warn
 from qtrain.corpus import corpus_size
 from qtrain.errors import CheckpointError, ConfigError, ResourceError
-from qtrain.modes import memory
+from qtrain.modes import memory, memory_fixes
 
 MEMORY_MODES = ("train", "qat", "finetune", "ptq")
 """Modes whose peak memory is estimated, printed and checked before anything is allocated."""
@@ -133,7 +133,7 @@ def _knobs(cfg: RunConfig, model: ModelConfig) -> str:
 def _refusal(
     cfg: RunConfig, model: ModelConfig, est: memory.Estimate, line: str, limit: int, setting: memory.Setting
 ) -> str:
-    fixes = memory.remedies(cfg, model, limit, setting)
+    fixes = memory_fixes.remedies(cfg, model, limit, setting)
     head = (
         f"not enough memory for this mode={cfg.mode.name} run (model={model.name}, train.batch_size="
         f"{cfg.train.batch_size}, model.block_size={model.block_size}): {line}. It would run out of memory part "

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qtrain.config import distills
 from qtrain.data import Corpus
 from qtrain.errors import ConfigError
 from qtrain.model import GPT
@@ -45,21 +46,24 @@ def run_qat(ctx: RunContext) -> dict[str, Any]:
     corpus = corpus_for(ctx, model.cfg.block_size)
     if cfg.init_from:
         ref_loss = eval_fn_for(ctx, corpus, model.cfg.block_size)(model)
-        if cfg.qat.distill:
+        if distills(cfg):
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
     recipe = QuantRecipe.from_config(cfg.quant, learn_scales=cfg.qat.learn_scales)
     prepare_qat(ctx, model, corpus, hooks, recipe)
-    loss_fn = (
-        distill_loss(teacher, cfg.qat.distill_weight, cfg.qat.distill_temperature)
-        if teacher is not None
-        else cross_entropy_loss
-    )
+    before_step = [schedule_callback(cfg)]
+    loss_fn: Callable[..., torch.Tensor] = cross_entropy_loss
+    if teacher is not None:
+        q = cfg.qat
+        loss_fn = distill = DistillLoss(
+            teacher, q.distill_weight, q.distill_temperature, q.distill_schedule, cfg.train.max_steps
+        )
+        before_step.append(distill.before_step)
     trainer, _ = train_model(
         ctx,
         model,
         corpus,
         quant=lambda: recipe.manifest_section(model),
-        before_step=[schedule_callback(cfg)],
+        before_step=before_step,
         after_step=[hooks.after_step],
         loss_fn=loss_fn,
         param_groups=qat_param_groups(model, cfg),
@@ -91,15 +95,30 @@ def prepare_qat(ctx: RunContext, model: GPT, corpus: Corpus, hooks: HookSet, rec
     return model
 
 
-def distill_loss(teacher: nn.Module, weight: float, temperature: float) -> Callable[..., torch.Tensor]:
-    """Cross-entropy plus `weight` x KL(teacher || student) at `temperature` (teacher frozen)."""
+class DistillLoss:
+    """Cross-entropy plus `weight` x KL(teacher || student) at `temperature` (teacher frozen).
 
-    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    `schedule` "linear": the KL weight falls from `weight` at step 0 to zero at `max_steps` (set by
+    `before_step`, so a resumed run picks up the weight of its step); "constant": `weight` throughout.
+    """
+
+    def __init__(self, teacher: nn.Module, weight: float, temperature: float, schedule: str, max_steps: int):
+        self.teacher, self.base, self.temperature = teacher, weight, temperature
+        self.schedule, self.max_steps = schedule, max(1, max_steps)
+        self.weight = weight
+
+    def before_step(self, step: int, model: nn.Module) -> None:
+        if self.schedule == "linear":
+            self.weight = self.base * max(0.0, 1.0 - step / self.max_steps)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = model(x).float()
         ce = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        if self.weight == 0.0:
+            return ce
         with torch.no_grad():
-            t_logits = teacher(x).float()
-        t = temperature
+            t_logits = self.teacher(x).float()
+        t = self.temperature
         kl = (
             F.kl_div(
                 F.log_softmax(logits / t, -1).view(-1, logits.size(-1)),
@@ -110,6 +129,4 @@ def distill_loss(teacher: nn.Module, weight: float, temperature: float) -> Calla
             * t
             * t
         )
-        return ce + weight * kl
-
-    return loss_fn
+        return ce + self.weight * kl

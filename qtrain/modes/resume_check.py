@@ -53,7 +53,11 @@ PATH_KEYS = frozenset({"init_from", "data.path"})
 """Compared as paths: the same file written another way is no change."""
 CORPUS_HASHES = ("train_sha256", "val_sha256")
 """The corpus fingerprint fields that say whether the data is the same."""
-FORMER_DEFAULTS: dict[str, tuple[Any, ...]] = {"train.min_lr_ratio": (0.1,)}
+FORMER_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "train.min_lr_ratio": (0.1,),
+    "qat.distill": (False,),
+    "qat.distill_weight": (1.0,),
+}
 """Defaults that changed, with their earlier values. A checkpoint trained with an earlier default and
 resumed by a command that leaves the key at today's default keeps the checkpoint's value: the run
 continues as it was started (a resume across an upgrade is not a settings change)."""

@@ -203,3 +203,14 @@ def test_case_38_earlier_default_is_kept_not_refused(tmp_path: Path, capsys: pyt
     lr = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
     floor = {f: 3e-3 * (f + (1 - f) * 0.5 * (1 + math.cos(math.pi * 7 / 8))) for f in (0.1, 0.0)}  # last step's lr
     assert lr[8] == pytest.approx(floor[0.1], rel=1e-6) and floor[0.0] < 0.3 * floor[0.1]
+
+
+def test_case_38_qat_started_without_distillation_resumes_without_it() -> None:
+    """QAT runs started when qat.distill defaulted to false (and distill_weight to 1.0) keep their own
+    values on a resume that does not set them; asking for another value is still refused."""
+    saved = {"mode": {"name": "qat"}, "qat": {"distill": False, "distill_weight": 1.0}}
+    now = {"mode": {"name": "qat"}, "qat": {"distill": None, "distill_weight": 0.5}}
+    diff = compare(saved, now)
+    assert [c.key for c in diff.kept] == ["qat.distill", "qat.distill_weight"] and not diff.refused
+    diff = compare(saved, {"mode": {"name": "qat"}, "qat": {"distill": True, "distill_weight": 0.5}})
+    assert [c.key for c in diff.refused] == ["qat.distill"]

@@ -20,7 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from qtrain import checkpoint as ck
 from qtrain import sysmem
 from qtrain.model import GPT
-from qtrain.modes import memory
+from qtrain.modes import memory, memory_fixes
 from tests.conftest import compose_cfg
 from tests.reliability.conftest import (
     copy_run,
@@ -109,7 +109,7 @@ def test_case_43_every_model_size_fits_24gb_or_names_the_override(mode: str, siz
     setting = memory.Setting(baseline=memory.RUNTIME_BYTES)
     if memory.estimate(cfg, cfg.model, setting).total <= MACHINE_24GB:
         return
-    fixes = memory.remedies(cfg, cfg.model, MACHINE_24GB, setting)
+    fixes = memory_fixes.remedies(cfg, cfg.model, MACHINE_24GB, setting)
     assert fixes, f"model={size} mode={mode}: nothing fits 24 GB"
     for fix in fixes:
         overrides = re.findall(r"[\w.]+=\S+", fix.split("(")[0])

@@ -194,6 +194,12 @@ def test_presets_protocol_and_usage_errors(qm, tmp_path):
             qm.preset_scheme(bad)
     with pytest.raises(qm.UsageError, match="--qat-extra"):
         qm.qat_variants([], ["bad name=x"])
+    one = qm.qat_variants([], ["int4:kd=qat.distill_weight=1.0 qat.distill_schedule=linear"])
+    assert one["qat_int4_kd"] == ("int4", ["mode=qat", "quant=int4", "qat.distill_weight=1.0",
+                                           "qat.distill_schedule=linear"])
+    assert "qat_int8da_int4w_kd" not in one  # SCHEME:NAME: that scheme's arm only
+    with pytest.raises(qm.UsageError, match="SCHEME one of"):
+        qm.qat_variants([], ["int3:kd=qat.distill=true"])
     full = qm.protocol(quick=False)
     assert "train.max_steps=3000" in full["fp"] and "data.val_windows=-1" in full["common"]
     qm.check_protocol(tmp_path, {"quick": True, "corpora": {"pydocs": None}})
@@ -206,3 +212,6 @@ def test_presets_protocol_and_usage_errors(qm, tmp_path):
     assert qm.main(["--corpora", "tinyshakespeare", "--shakespeare", str(tmp_path / "no.txt")]) == 2
     assert qm.main(["--report-only", "--corpora", "pydocs", "--out", str(tmp_path / "r")]) == 0
     assert "| full precision, val ppl | missing | missing | missing |" in (tmp_path / "r" / "matrix.md").read_text()
+    (tmp_path / "h" / "pydocs" / "seed1340").mkdir(parents=True)  # an OUT of one held-out seed
+    assert qm.main(["--report-only", "--corpora", "pydocs", "--out", str(tmp_path / "h")]) == 0
+    assert [c["seed"] for c in json.loads((tmp_path / "h" / "summary.json").read_text())["cells"]] == [1340]

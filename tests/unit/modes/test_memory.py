@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from qtrain import sysmem
 from qtrain.config import ModelConfig, RunConfig, TrainConfig
 from qtrain.model import GPT
-from qtrain.modes import memory
+from qtrain.modes import memory, memory_fixes
 
 REPO = Path(__file__).resolve().parents[3]
 SMALL = ["model.n_layer=2", "model.n_embd=128", "model.n_head=4", "model.mlp_hidden=256", "model.block_size=256"]
@@ -62,7 +62,7 @@ def test_remedies_fit_the_limit_and_keep_the_sequences_per_step() -> None:
     cfg = _cfg(batch_size=32, grad_accum=2)
     total = memory.estimate(cfg, cfg.model).total
     limit = total // 2
-    fixes = memory.remedies(cfg, cfg.model, limit)
+    fixes = memory_fixes.remedies(cfg, cfg.model, limit)
     assert fixes
     for fix in fixes:
         values = dict(kv.split("=") for kv in fix.split(" (")[0].split())
@@ -75,7 +75,9 @@ def test_remedies_fit_the_limit_and_keep_the_sequences_per_step() -> None:
 def test_nothing_fits_says_so() -> None:
     cfg = _cfg()
     weights_alone = 16 * memory.n_params(cfg.model)
-    assert memory.remedies(cfg, dataclasses.replace(cfg.model), weights_alone // 2, memory.Setting(loaded="none")) == []
+    none = memory.Setting(loaded="none")
+    fixes = memory_fixes.remedies(cfg, dataclasses.replace(cfg.model), weights_alone // 2, none)
+    assert fixes == []
 
 
 def test_gptq_calibration_is_counted_and_remedied() -> None:
@@ -83,7 +85,7 @@ def test_gptq_calibration_is_counted_and_remedied() -> None:
     cfg.ptq.method, cfg.ptq.calib_batches, cfg.quant.scheme = "gptq", 64, "int4"
     est = memory.estimate(cfg, cfg.model, memory.Setting(loaded="none"))
     assert est.phase == "PTQ (gptq)" and any(k.startswith("calibration") for k, _ in est.parts)
-    fixes = memory.remedies(cfg, cfg.model, est.total * 2 // 3, memory.Setting(loaded="none"))
+    fixes = memory_fixes.remedies(cfg, cfg.model, est.total * 2 // 3, memory.Setting(loaded="none"))
     assert any(f.startswith("ptq.calib_batches=") for f in fixes)
 
 
