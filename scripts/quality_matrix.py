@@ -217,7 +217,8 @@ def plan(proto: dict[str, list[str]], variants: dict[str, tuple[str, list[str]]]
         arms.append(("control_fp", "fp", ["mode=train", *proto["cont"]]))
         schemes = dict.fromkeys([*SCHEMES, *(s for s, _ in variants.values())])
         arms += [(f"control_ptq_{s}", "control_fp", ["mode=ptq", f"quant={s}"]) for s in schemes]
-        arms += [(name, "fp", [*over, *proto["cont"]]) for name, (_, over) in variants.items()]
+        # the arm's own overrides last, so a --qat-extra key (train.lr=...) wins over the protocol's
+        arms += [(name, "fp", [*proto["cont"], *over]) for name, (_, over) in variants.items()]
         for name, over in (matched_variants or {}).items():
             arms.append((f"control_fp_{name}", "fp", ["mode=train", *proto["cont"], *over]))
             arms += [(f"control_ptq_{s}_{name}", f"control_fp_{name}", ["mode=ptq", f"quant={s}"]) for s in SCHEMES]

@@ -198,6 +198,8 @@ def test_presets_protocol_and_usage_errors(qm, tmp_path):
     assert one["qat_int4_kd"] == ("int4", ["mode=qat", "quant=int4", "qat.distill_weight=1.0",
                                            "qat.distill_schedule=linear"])
     assert "qat_int8da_int4w_kd" not in one  # SCHEME:NAME: that scheme's arm only
+    lr = dict((a, o) for a, _, o in qm.plan(qm.protocol(quick=False), qm.qat_variants([], ["int4:lr=train.lr=1e-3"])))
+    assert lr["qat_int4_lr"][-1] == "train.lr=1e-3" and "train.lr=5e-4" in lr["qat_int4_lr"]  # the arm's key wins
     with pytest.raises(qm.UsageError, match="SCHEME one of"):
         qm.qat_variants([], ["int3:kd=qat.distill=true"])
     full = qm.protocol(quick=False)
