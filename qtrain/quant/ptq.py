@@ -50,9 +50,39 @@ __all__ = [  # the per-weight and GPTQ functions are re-exported: ptq is where c
     "rtn_quantize",
 ]
 
-LayersFn = Callable[..., None]
-"""``fn(model, target names, spec, calib, damp, grid, kernel, act_order=...)``: quantize the linear targets in
-place (``act_order``: GPTQ's column order, ignored by the other methods)."""
+
+@dataclass(frozen=True)
+class LayerJob:
+    """What a method's ``layers`` function quantizes, and with which settings.
+
+    Attributes:
+        model: the model, quantized in place.
+        names: its linear targets (may include the embedding, which ``layers`` leaves to ``table``).
+        spec: the layer spec of the scheme.
+        calib: token-id calibration batches (empty for methods that need none).
+        damp: GPTQ dampening.
+        grid: MSE search candidates (also GPTQ's group ranges).
+        kernel: ``quant.kernel`` of the packed modules.
+        act_order: GPTQ's column order (ignored by the other methods).
+    """
+
+    model: nn.Module
+    names: list[str]
+    spec: LayerSpec
+    calib: Sequence[Tensor]
+    damp: float
+    grid: int
+    kernel: str
+    act_order: bool = True
+
+    @property
+    def linears(self) -> list[str]:
+        """The targets other than the embedding table."""
+        return [n for n in self.names if n != EMBEDDING]
+
+
+LayersFn = Callable[[LayerJob], None]
+"""Quantize a job's linear targets in place."""
 
 
 @dataclass(frozen=True)
@@ -74,38 +104,20 @@ class PTQMethod:
     table: Callable[[Tensor, LayerSpec, int], QuantizedWeight] | None = None
 
 
-def _rtn_layers(*_: object, **__: object) -> None:
+def _rtn_layers(job: LayerJob) -> None:
     """Round to nearest: convert does it."""
 
 
-def _mse_layers(
-    model: nn.Module,
-    names: list[str],
-    spec: LayerSpec,
-    calib: Sequence[Tensor],
-    damp: float,
-    grid: int,
-    kernel: str,
-    act_order: bool = True,
-) -> None:
-    with phase("MSE scale search", total=len(names), unit="layers") as bar:
-        for name in names:
-            if name != EMBEDDING:
-                swap_packed(model, name, mse_quantize(float_weight(model, name), spec, grid), spec, kernel)
+def _mse_layers(job: LayerJob) -> None:
+    with phase("MSE scale search", total=len(job.linears), unit="layers") as bar:
+        for name in job.linears:
+            weight = mse_quantize(float_weight(job.model, name), job.spec, job.grid)
+            swap_packed(job.model, name, weight, job.spec, job.kernel)
             bar.advance()
 
 
-def _gptq_layers(
-    model: nn.Module,
-    names: list[str],
-    spec: LayerSpec,
-    calib: Sequence[Tensor],
-    damp: float,
-    grid: int,
-    kernel: str,
-    act_order: bool = True,
-) -> None:
-    gptq.quantize_layers(model, [n for n in names if n != EMBEDDING], spec, calib, damp, kernel, grid, act_order)
+def _gptq_layers(job: LayerJob) -> None:
+    gptq.quantize_layers(job.model, job.linears, job.spec, job.calib, job.damp, job.kernel, job.grid, job.act_order)
 
 
 METHODS: dict[str, PTQMethod] = {
@@ -163,7 +175,7 @@ def quantize_ptq(
     if entry.needs_calibration and not calib:
         raise ValueError(f"ptq.method={method} needs calibration batches (ptq.calib_batches > 0)")
     with torch.no_grad():
-        entry.layers(model, names, spec, calib or [], damp, grid, qcfg.kernel, act_order=act_order)
+        entry.layers(LayerJob(model, names, spec, calib or [], damp, grid, qcfg.kernel, act_order))
     return _finish_embedding(model, qcfg, entry, grid)
 
 
